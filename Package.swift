@@ -1,0 +1,35 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "swift-virtio-net",
+    products: [
+        .library(name: "VirtioNet", targets: ["VirtioNet"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-system.git", from: "1.8.1"),
+    ],
+    targets: [
+        // Only what Swift cannot import: GNU-only syscalls, ioctl request macros, CMSG, atomics on raw memory.
+        .target(name: "CVirtioShim"),
+        .target(
+            name: "Sys",
+            dependencies: ["CVirtioShim", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .target(name: "GuestMemory", dependencies: ["Sys", "CVirtioShim"]),
+        .target(name: "Virtqueue", dependencies: ["GuestMemory", "CVirtioShim"]),
+        .target(name: "Tap", dependencies: ["Sys", "CVirtioShim"]),
+        .target(
+            name: "VirtioNet",
+            dependencies: ["Virtqueue", "GuestMemory", "Tap", "Sys", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(name: "VirtioNetTestSupport", dependencies: ["VirtioNet", "Virtqueue", "GuestMemory", "Sys"]),
+        .testTarget(name: "TapTests", dependencies: ["Tap", "Sys"]),
+        .testTarget(
+            name: "VirtioNetTests",
+            dependencies: ["VirtioNet", "VirtioNetTestSupport", "Virtqueue", "GuestMemory", "Sys"]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,35 @@
+// The few things Swift cannot import from Glibc on its own: GNU-only syscalls (declared only under
+// _GNU_SOURCE), ioctl request macros, and acquire/release access to raw shared memory.
+#ifndef CVIRTIO_SHIM_H
+#define CVIRTIO_SHIM_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/uio.h>
+#include <sys/epoll.h>
+
+// Syscalls whose declarations need _GNU_SOURCE; each returns -1 and sets errno on failure.
+int cvs_memfd_create(const char *name, unsigned int flags);
+int cvs_eventfd(unsigned int initval, int flags);
+
+extern const unsigned int CVS_MFD_CLOEXEC;
+extern const unsigned int CVS_MFD_ALLOW_SEALING;
+extern const int CVS_EFD_CLOEXEC;
+extern const int CVS_EFD_NONBLOCK;
+
+// Ring indices in guest memory are shared with another agent: acquire loads, release stores and a
+// full fence where the virtio spec asks for one. Plain C11 atomics on raw addresses.
+static inline uint16_t cvs_load_acquire_u16(const void *p) {
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline void cvs_store_release_u16(void *p, uint16_t v) {
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+static inline void cvs_fence_seq_cst(void) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+static inline void cvs_fence_acquire(void) {
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+}
+
+#endif

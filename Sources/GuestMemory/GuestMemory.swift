@@ -1,0 +1,211 @@
+import Sys
+
+/// Where one region of guest memory comes from: a file descriptor shared by the VMM, mapped whole.
+public struct MemoryRegionDescription: Sendable {
+    /// Guest-physical address of the first byte.
+    public var guestAddress: GuestAddress
+    public var size: UInt64
+    /// The frontend's own virtual address of the first byte (vhost-user rings are given in these).
+    public var userAddress: UInt64
+    /// Where the region starts inside the file.
+    public var mmapOffset: UInt64
+
+    public init(guestAddress: GuestAddress, size: UInt64, userAddress: UInt64 = 0, mmapOffset: UInt64 = 0) {
+        self.guestAddress = guestAddress
+        self.size = size
+        self.userAddress = userAddress
+        self.mmapOffset = mmapOffset
+    }
+}
+
+/// One mapped region. `host` points at the region's first byte inside `mapping`.
+// Holds the host pointer of a mapping that `mapping` keeps alive; the pointer itself is immutable.
+public struct GuestMemoryRegion: @unchecked Sendable {
+    public let description: MemoryRegionDescription
+    public let mapping: MemoryMapping
+    public let host: UnsafeMutableRawPointer
+
+    /// Exclusive ends, checked at construction not to overflow.
+    @usableFromInline let guestStart: UInt64
+    @usableFromInline let guestEnd: UInt64
+    @usableFromInline let userStart: UInt64
+    @usableFromInline let userEnd: UInt64
+
+    /// Maps `description` from `fd`; the fd may be closed afterwards.
+    public init(description: MemoryRegionDescription, fd: Int32) throws(GuestMemoryError) {
+        guard description.size > 0 else { throw .invalidRegion("size is 0") }
+        guard let mapLength = description.mmapOffset.addingReportingOverflow(description.size) as (UInt64, Bool)?,
+              !mapLength.1, let length = Int(exactly: mapLength.0)
+        else { throw .invalidRegion("mmap offset + size overflows") }
+        let mapping: MemoryMapping
+        do {
+            mapping = try MemoryMapping(fd: fd, offset: 0, length: length)
+        } catch {
+            throw .system("cannot map region at \(description.guestAddress): \(error)")
+        }
+        try self.init(description: description, mapping: mapping)
+    }
+
+    /// Uses an existing mapping; the region starts `mmapOffset` bytes into it.
+    public init(description: MemoryRegionDescription, mapping: MemoryMapping) throws(GuestMemoryError) {
+        guard description.size > 0 else { throw .invalidRegion("size is 0") }
+        let (end, overflow) = description.mmapOffset.addingReportingOverflow(description.size)
+        guard !overflow, end <= UInt64(mapping.length) else {
+            throw .invalidRegion("offset \(description.mmapOffset) + size \(description.size) exceeds the mapping")
+        }
+        let (guestEnd, guestOverflow) = description.guestAddress.rawValue.addingReportingOverflow(description.size)
+        let (userEnd, userOverflow) = description.userAddress.addingReportingOverflow(description.size)
+        guard !guestOverflow, !userOverflow else { throw .invalidRegion("region end overflows 64 bits") }
+        self.description = description
+        self.mapping = mapping
+        self.host = mapping.base + Int(description.mmapOffset)
+        self.guestStart = description.guestAddress.rawValue
+        self.guestEnd = guestEnd
+        self.userStart = description.userAddress
+        self.userEnd = userEnd
+    }
+}
+
+/// The guest's memory as the device sees it: a few mapped regions and bounds-checked translation.
+///
+/// All translation is overflow-safe; a range must lie wholly inside guest memory. The memory is shared
+/// with the guest, which may change it at any moment: callers copy what they validate.
+public final class GuestMemory: Sendable {
+    public let regions: [GuestMemoryRegion]
+
+    /// Regions must not overlap in guest-physical space (nor in the frontend's address space).
+    public init(regions: [GuestMemoryRegion]) throws(GuestMemoryError) {
+        let sorted = regions.sorted { $0.guestStart < $1.guestStart }
+        for (previous, next) in zip(sorted, sorted.dropFirst()) where next.guestStart < previous.guestEnd {
+            throw .invalidRegion("regions at \(previous.description.guestAddress) and \(next.description.guestAddress) overlap")
+        }
+        let byUser = regions.sorted { $0.userStart < $1.userStart }
+        for (previous, next) in zip(byUser, byUser.dropFirst()) where next.userStart < previous.userEnd {
+            // Only meaningful when user addresses are given (vhost-user); all-zero user addresses are
+            // the library case and never looked up.
+            if previous.userStart != 0 || next.userStart != 0 {
+                throw .invalidRegion("user addresses 0x\(String(previous.userStart, radix: 16)) and 0x\(String(next.userStart, radix: 16)) overlap")
+            }
+        }
+        self.regions = sorted
+    }
+
+    /// Total bytes of guest memory.
+    public var size: UInt64 { regions.reduce(0) { $0 + $1.description.size } }
+
+    /// The host address of `length` bytes at `address`, which must be contiguous in one region.
+    @inlinable
+    public func hostPointer(_ address: GuestAddress, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        let start = address.rawValue
+        let (end, overflow) = start.addingReportingOverflow(length)
+        guard !overflow else { throw .overflow(address: start, length: length) }
+        for region in regions where start >= region.guestStart && start < region.guestEnd {
+            guard end <= region.guestEnd else {
+                throw regionContaining(region.guestEnd) != nil
+                    ? .notContiguous(address: start, length: length)
+                    : .outOfRange(address: start, length: length)
+            }
+            return region.host + Int(start - region.guestStart)
+        }
+        throw .outOfRange(address: start, length: length)
+    }
+
+    /// The host address of `length` bytes at a frontend (vhost-user) virtual address.
+    public func hostPointer(userAddress: UInt64, length: UInt64) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
+        let (end, overflow) = userAddress.addingReportingOverflow(length)
+        guard !overflow else { throw .overflow(address: userAddress, length: length) }
+        for region in regions where userAddress >= region.userStart && userAddress < region.userEnd {
+            guard end <= region.userEnd else { throw .notContiguous(address: userAddress, length: length) }
+            return region.host + Int(userAddress - region.userStart)
+        }
+        throw .outOfRange(address: userAddress, length: length)
+    }
+
+    /// The guest-physical address for a frontend virtual address (for logging and ring addresses).
+    public func guestAddress(userAddress: UInt64) -> GuestAddress? {
+        for region in regions where userAddress >= region.userStart && userAddress < region.userEnd {
+            return GuestAddress(region.guestStart + (userAddress - region.userStart))
+        }
+        return nil
+    }
+
+    @usableFromInline
+    func regionContaining(_ address: UInt64) -> GuestMemoryRegion? {
+        for region in regions where address >= region.guestStart && address < region.guestEnd { return region }
+        return nil
+    }
+
+    /// Appends iovecs covering `length` bytes at `address`: one per region the range touches.
+    /// Fails, appending nothing, when any byte is outside guest memory or `iovecs` would overflow.
+    @inlinable
+    public func appendIOVecs(_ address: GuestAddress, length: UInt64, to iovecs: inout IOVecArray) throws(GuestMemoryError) {
+        var start = address.rawValue
+        let (end, overflow) = start.addingReportingOverflow(length)
+        guard !overflow else { throw .overflow(address: start, length: length) }
+        if length == 0 { return }
+        let rollback = iovecs.count
+        while start < end {
+            var found = false
+            for region in regions where start >= region.guestStart && start < region.guestEnd {
+                let pieceEnd = min(end, region.guestEnd)
+                guard iovecs.append(base: region.host + Int(start - region.guestStart), length: Int(pieceEnd - start)) else {
+                    iovecs.count = rollback
+                    throw .tooManySegments(limit: iovecs.capacity)
+                }
+                start = pieceEnd
+                found = true
+                break
+            }
+            if !found {
+                iovecs.count = rollback
+                throw .outOfRange(address: address.rawValue, length: length)
+            }
+        }
+    }
+
+    // MARK: Copies (control messages, headers, tests). Explicit little-endian, no struct overlays.
+
+    /// Copies `buffer.count` bytes out of guest memory.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, from address: GuestAddress) throws(GuestMemoryError) {
+        guard buffer.count > 0 else { return }
+        var iovecs = IOVecArray(capacity: regions.count)
+        try appendIOVecs(address, length: UInt64(buffer.count), to: &iovecs)
+        _ = iovecs.copyOut(from: 0, into: buffer)
+    }
+
+    /// Copies `bytes` into guest memory.
+    public func write(_ bytes: UnsafeRawBufferPointer, to address: GuestAddress) throws(GuestMemoryError) {
+        guard bytes.count > 0 else { return }
+        var iovecs = IOVecArray(capacity: regions.count)
+        try appendIOVecs(address, length: UInt64(bytes.count), to: &iovecs)
+        _ = iovecs.copyIn(bytes, at: 0)
+    }
+
+    public func readBytes(_ address: GuestAddress, count: Int) throws(GuestMemoryError) -> [UInt8] {
+        var result = [UInt8](repeating: 0, count: count)
+        var failure: GuestMemoryError?
+        result.withUnsafeMutableBytes { buffer in
+            do throws(GuestMemoryError) { try read(into: buffer, from: address) } catch { failure = error }
+        }
+        if let failure { throw failure }
+        return result
+    }
+
+    public func writeBytes(_ bytes: [UInt8], to address: GuestAddress) throws(GuestMemoryError) {
+        var failure: GuestMemoryError?
+        bytes.withUnsafeBytes { buffer in
+            do throws(GuestMemoryError) { try write(buffer, to: address) } catch { failure = error }
+        }
+        if let failure { throw failure }
+    }
+
+    public func load<T: FixedWidthInteger>(_: T.Type, at address: GuestAddress) throws(GuestMemoryError) -> T {
+        let pointer = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        return T(littleEndian: pointer.loadUnaligned(as: T.self))
+    }
+
+    public func store<T: FixedWidthInteger>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
+        let pointer = try hostPointer(address, length: UInt64(MemoryLayout<T>.size))
+        pointer.storeBytes(of: value.littleEndian, as: T.self)
+    }
+}
