@@ -1,0 +1,76 @@
+import GuestMemory
+import Logging
+import Sys
+import Virtqueue
+
+/// Serves the control virtqueue: each chain is class, command, data (readable) and an ack byte (writable).
+final class ControlQueueEngine: @unchecked Sendable {
+    private(set) var ring: SplitQueue
+    let index: Int
+    let call: EventFD?
+    let counters: QueueCounters
+    private var iovecs = IOVecArray(capacity: 256)
+    private let logger: Logger
+    /// Commands carry at most two MAC tables; anything this long is hostile.
+    static let maximumCommandLength = 64 * 1024
+
+    init(index: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters, logger: Logger) {
+        self.index = index
+        self.ring = ring
+        self.call = call
+        self.counters = counters
+        self.logger = logger
+    }
+
+    var nextAvailableIndex: UInt16 { ring.nextAvailableIndex }
+
+    /// Answers every pending command with `execute`, which returns the ack byte.
+    func process(_ execute: ([UInt8]) -> ControlAck) -> QueuePassResult {
+        var unpublished = 0
+        var result = QueuePassResult.idle
+        while true {
+            iovecs.removeAll()
+            let chain: DescriptorChain
+            do throws(VirtqueueError) {
+                guard let popped = try ring.popChain(into: &iovecs) else { break }
+                chain = popped
+            } catch {
+                if case .badChain(let head, let fault) = error {
+                    refuse(head: head, "\(fault)")
+                    unpublished += 1
+                    continue
+                }
+                if case .broken(let fault) = error { result = .broken(fault) }
+                break
+            }
+            guard chain.writableLength >= 1, chain.readableLength >= 2,
+                  Int(chain.readableLength) <= Self.maximumCommandLength
+            else {
+                refuse(head: chain.head, "control command without an ack byte or of a bad length")
+                unpublished += 1
+                continue
+            }
+            var command = [UInt8](repeating: 0, count: Int(chain.readableLength))
+            _ = command.withUnsafeMutableBytes { IOVec.copyOut(UnsafeBufferPointer(iovecs.buffer(chain.readable)), from: 0, into: $0) }
+            var ack = execute(command).rawValue
+            _ = withUnsafeBytes(of: &ack) { IOVec.copyIn($0, to: UnsafeBufferPointer(iovecs.buffer(chain.writable)), at: 0) }
+            ring.addUsed(head: chain.head, length: 1)
+            counters.addFrames(1, bytes: command.count)
+            unpublished += 1
+        }
+        if unpublished > 0 {
+            ring.publishUsed()
+            if ring.needsInterrupt() {
+                counters.countInterrupt()
+                try? call?.signal()
+            }
+        }
+        return result
+    }
+
+    private func refuse(head: UInt16, _ why: String) {
+        ring.addUsed(head: head, length: 0)
+        counters.countDrop(.badChain)
+        logger.warning("control command refused", metadata: ["queue": "\(index)", "detail": "\(why)"])
+    }
+}

@@ -1,0 +1,324 @@
+import GuestMemory
+import Logging
+import Synchronization
+import Sys
+import Virtqueue
+
+/// Where one virtqueue is and how it signals, as a VMM (or the vhost-user layer) describes it.
+public struct QueueConfiguration: Sendable {
+    /// The virtqueue index: 2k receive and 2k+1 transmit of pair k, then the control queue.
+    public var index: Int
+    public var size: Int
+    public var rings: RingAddresses
+    /// Where to resume (0 for a fresh queue; GET_VRING_BASE's answer when restoring).
+    public var nextAvailableIndex: UInt16
+    /// Written by the driver when it adds buffers.
+    public var kick: EventFD?
+    /// Written by the device to interrupt the driver.
+    public var call: EventFD?
+
+    public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16 = 0, kick: EventFD? = nil, call: EventFD? = nil) {
+        self.index = index
+        self.size = size
+        self.rings = rings
+        self.nextAvailableIndex = nextAvailableIndex
+        self.kick = kick
+        self.call = call
+    }
+}
+
+/// Where a queue stopped, to resume it later (vhost-user GET_VRING_BASE, save/restore).
+public struct QueueState: Equatable, Sendable {
+    public var index: Int
+    public var nextAvailableIndex: UInt16
+}
+
+/// The counters of one queue pair, kept across resets for metrics.
+public final class QueuePairCounters: Sendable {
+    public let receive = QueueCounters()
+    public let transmit = QueueCounters()
+}
+
+/// The queues of an activated device. Engines are driven by one thread at a time.
+final class ActiveQueues: @unchecked Sendable {
+    let memory: GuestMemory
+    var receive: [ReceiveQueue?]
+    var transmit: [TransmitQueue?]
+    var control: ControlQueueEngine?
+    var kicks: [Int: EventFD] = [:]
+    let controlIndex: Int
+
+    init(memory: GuestMemory, pairs: Int, controlIndex: Int) {
+        self.memory = memory
+        self.controlIndex = controlIndex
+        receive = Array(repeating: nil, count: pairs)
+        transmit = Array(repeating: nil, count: pairs)
+    }
+}
+
+/// A virtio-net device (virtio 1.2, 5.1) in front of a `PacketBackend`.
+///
+/// A VMM creates it with a configuration and a backend, advertises `offeredFeatures`, passes on the
+/// driver's `acknowledge(features:)`, serves config space reads from `configSpace`, and calls
+/// `activate(memory:queues:)` when the driver sets DRIVER_OK. `reset()` stops the device and returns
+/// where each queue stopped.
+public final class NetDevice: Sendable {
+    public let configuration: NetConfiguration
+    public let backend: any PacketBackend
+    /// Everything the device can honour with this backend and configuration.
+    public let offeredFeatures: VirtioNetFeatures
+    public let queuePairCounters: [QueuePairCounters]
+    public let controlCounters = QueueCounters()
+    let logger: Logger
+    let filterCell: FilterCell
+
+    private struct State {
+        var negotiated: VirtioNetFeatures?
+        var control = ControlState()
+        var needsReset = false
+        var linkUp = true
+        var active: ActiveQueues?
+    }
+    private let state = Mutex(State())
+
+    public init(configuration: NetConfiguration, backend: any PacketBackend, logger: Logger = Logger(label: "virtio-net")) throws(NetDeviceError) {
+        try configuration.validate()
+        guard configuration.queuePairs <= backend.queuePairs else {
+            throw .invalidConfiguration("\(configuration.queuePairs) queue pairs configured, the backend has \(backend.queuePairs)")
+        }
+        self.configuration = configuration
+        self.backend = backend
+        self.logger = logger
+        self.filterCell = FilterCell(mac: configuration.mac)
+        self.queuePairCounters = (0..<configuration.queuePairs).map { _ in QueuePairCounters() }
+
+        let allowed = configuration.offloads ?? .all
+        var features: VirtioNetFeatures = [.version1, .mac, .mtu, .status, .ctrlVQ, .ctrlRx, .ctrlMACAddress]
+        features.formUnion(allowed.intersection(backend.receiveOffloads).guestFeatures)
+        features.formUnion(allowed.intersection(backend.transmitOffloads).hostFeatures)
+        if !features.isDisjoint(with: .guestOffloads) { features.insert(.ctrlGuestOffloads) }
+        if configuration.queuePairs > 1 { features.insert(.mq) }
+        if configuration.mergeableRxBuffers { features.insert(.mergeableRxBuffers) }
+        if configuration.eventIndex { features.insert(.eventIndex) }
+        if configuration.indirectDescriptors { features.insert(.indirectDescriptors) }
+        self.offeredFeatures = features
+    }
+
+    /// What the driver acknowledged; nil before `acknowledge(features:)` and after `reset()`.
+    public var negotiatedFeatures: VirtioNetFeatures? { state.withLock { $0.negotiated } }
+
+    /// Set when the guest broke a ring: DEVICE_NEEDS_RESET. Cleared by `reset()`.
+    public var needsReset: Bool { state.withLock { $0.needsReset } }
+
+    public var isActive: Bool { state.withLock { $0.active != nil } }
+
+    /// The virtqueue index of the control queue under `features`.
+    public func controlQueueIndex(features: VirtioNetFeatures) -> Int {
+        features.contains(.mq) ? 2 * configuration.queuePairs : 2
+    }
+
+    /// The device-specific configuration space the driver reads.
+    public var configSpace: NetConfigSpace {
+        let (mac, linkUp) = (filterCell.current.mac, state.withLock { $0.linkUp })
+        return NetConfigSpace(
+            mac: mac, status: linkUp ? NetConfigSpace.statusLinkUp : 0,
+            maxVirtqueuePairs: UInt16(truncatingIfNeeded: configuration.queuePairs),
+            mtu: UInt16(truncatingIfNeeded: configuration.mtu)
+        )
+    }
+
+    /// The driver's FEATURES_OK: refused unless the features were offered and are self-consistent.
+    public func acknowledge(features: VirtioNetFeatures) throws(NetDeviceError) {
+        let notOffered = features.subtracting(offeredFeatures)
+        guard notOffered.isEmpty else { throw .featuresNotOffered(notOffered) }
+        if let feature = features.missingPrerequisite { throw .missingPrerequisite(feature) }
+        guard features.contains(.version1) else { throw .legacyDriver }
+        try state.withLock { (state) throws(NetDeviceError) in
+            guard state.active == nil else { throw .invalidState("features changed while the device is active") }
+            state.negotiated = features
+            state.control = ControlState()
+            state.control.guestOffloads = features.intersection(.guestOffloads)
+        }
+        filterCell.update { filter, mac in
+            filter = ReceiveFilter()
+            mac = configuration.mac
+        }
+        do {
+            try backend.setReceiveOffloads(OffloadSet(guestFeatures: features))
+            try backend.setActiveQueuePairs(1)
+        } catch {
+            throw .backend(error.description)
+        }
+    }
+
+    /// Sets the link status the driver sees (VIRTIO_NET_S_LINK_UP).
+    public func setLinkUp(_ up: Bool) {
+        state.withLock { $0.linkUp = up }
+    }
+
+    /// The driver's DRIVER_OK: validates and maps every queue given. Queues not given stay unused.
+    public func activate(memory: GuestMemory, queues: [QueueConfiguration]) throws(NetDeviceError) {
+        guard let features = negotiatedFeatures else { throw .invalidState("activate before features were acknowledged") }
+        let controlIndex = features.contains(.ctrlVQ) ? controlQueueIndex(features: features) : -1
+        let pairs = configuration.queuePairs
+        let ringFeatures = RingFeatures(
+            eventIndex: features.contains(.eventIndex), indirectDescriptors: features.contains(.indirectDescriptors)
+        )
+        let active = ActiveQueues(memory: memory, pairs: pairs, controlIndex: controlIndex)
+        var seen = Set<Int>()
+        for queue in queues {
+            guard queue.index >= 0, queue.index < 2 * pairs || queue.index == controlIndex else {
+                throw .invalidQueue(index: queue.index, "no such queue")
+            }
+            guard seen.insert(queue.index).inserted else { throw .invalidQueue(index: queue.index, "given twice") }
+            guard queue.size <= configuration.maximumQueueSize else {
+                throw .invalidQueue(index: queue.index, "size \(queue.size) exceeds the maximum \(configuration.maximumQueueSize)")
+            }
+            let ring: SplitQueue
+            do {
+                ring = try SplitQueue(memory: memory, size: queue.size, rings: queue.rings, features: ringFeatures,
+                                      nextAvailableIndex: queue.nextAvailableIndex)
+            } catch {
+                throw .queueSetup(index: queue.index, error)
+            }
+            let queueLogger = logger
+            if queue.index == controlIndex {
+                active.control = ControlQueueEngine(index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: queueLogger)
+            } else if queue.index % 2 == 0 {
+                let pair = queue.index / 2
+                active.receive[pair] = ReceiveQueue(
+                    index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
+                    counters: queuePairCounters[pair].receive, features: features, mtu: configuration.mtu,
+                    filter: filterCell, logger: queueLogger
+                )
+            } else {
+                let pair = queue.index / 2
+                active.transmit[pair] = TransmitQueue(
+                    index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
+                    counters: queuePairCounters[pair].transmit, features: features, mtu: configuration.mtu,
+                    logger: queueLogger
+                )
+            }
+            if let kick = queue.kick { active.kicks[queue.index] = kick }
+        }
+        try state.withLock { (state) throws(NetDeviceError) in
+            guard state.active == nil else { throw .invalidState("already active") }
+            state.active = active
+        }
+    }
+
+    /// Stops the device and returns where each queue stopped. Features must be acknowledged again.
+    @discardableResult
+    public func reset() -> [QueueState] {
+        let active = state.withLock { state -> ActiveQueues? in
+            let active = state.active
+            state.active = nil
+            state.negotiated = nil
+            state.needsReset = false
+            state.control = ControlState()
+            return active
+        }
+        guard let active else { return [] }
+        var states: [QueueState] = []
+        for queue in active.receive.compactMap({ $0 }) {
+            queue.returnCachedChains()
+            states.append(QueueState(index: queue.index, nextAvailableIndex: queue.nextAvailableIndex))
+        }
+        for queue in active.transmit.compactMap({ $0 }) {
+            states.append(QueueState(index: queue.index, nextAvailableIndex: queue.nextAvailableIndex))
+        }
+        if let control = active.control {
+            states.append(QueueState(index: control.index, nextAvailableIndex: control.nextAvailableIndex))
+        }
+        return states.sorted { $0.index < $1.index }
+    }
+
+    /// The receive filter as the control queue last set it.
+    public var receiveFilter: ReceiveFilter { filterCell.current.filter }
+    /// Queue pairs the driver enabled with VQ_PAIRS_SET (1 until it does).
+    public var activeQueuePairs: Int { state.withLock { $0.control.activeQueuePairs } }
+
+    // MARK: Driving the queues
+
+    /// Runs every queue until nothing more can be done now, on the calling thread: for VMMs that
+    /// drive the device from their own loop, and for tests. Kick eventfds, if any, are drained.
+    /// Returns false if the guest broke a ring (the device then needs a reset).
+    @discardableResult
+    public func poll() -> Bool {
+        guard let active = state.withLock({ $0.active }) else { return true }
+        for (index, kick) in active.kicks {
+            if (try? kick.drain()) != nil { countKick(queue: index, controlIndex: active.controlIndex) }
+        }
+        var healthy = true
+        var progress = true
+        while progress && healthy {
+            progress = false
+            if let control = active.control {
+                healthy = check(control.process(executeControl), queue: control.index) && healthy
+            }
+            for pair in 0..<configuration.queuePairs {
+                if let queue = active.transmit[pair] {
+                    let result = queue.process(backend: backend, budget: 256)
+                    healthy = check(result, queue: queue.index) && healthy
+                    if result == .budgetExhausted { progress = true }
+                }
+                if let queue = active.receive[pair] {
+                    let result = queue.process(backend: backend, budget: 256)
+                    healthy = check(result, queue: queue.index) && healthy
+                    if result == .budgetExhausted { progress = true }
+                }
+            }
+        }
+        return healthy
+    }
+
+    private func countKick(queue index: Int, controlIndex: Int) {
+        if index == controlIndex {
+            controlCounters.countKick()
+        } else if index / 2 < queuePairCounters.count {
+            let counters = queuePairCounters[index / 2]
+            (index % 2 == 0 ? counters.receive : counters.transmit).countKick()
+        }
+    }
+
+    private func check(_ result: QueuePassResult, queue: Int) -> Bool {
+        guard case .broken(let fault) = result else { return true }
+        state.withLock { $0.needsReset = true }
+        logger.error("guest broke a virtqueue; the device needs a reset", metadata: ["queue": "\(queue)", "fault": "\(fault)"])
+        return false
+    }
+
+    /// Executes one control command and applies its effect.
+    func executeControl(_ command: [UInt8]) -> ControlAck {
+        guard let negotiated = negotiatedFeatures else { return .error }
+        var effect = ControlEffect.none
+        let ack = state.withLock { state -> ControlAck in
+            var control = state.control
+            let (ack, change) = control.execute(command, negotiated: negotiated, maxQueuePairs: configuration.queuePairs)
+            if ack == .ok {
+                state.control = control
+                effect = change
+            }
+            return ack
+        }
+        guard ack == .ok else { return ack }
+        do {
+            switch effect {
+            case .none:
+                break
+            case .setQueuePairs(let count):
+                try backend.setActiveQueuePairs(count)
+            case .setGuestOffloads(let features):
+                try backend.setReceiveOffloads(OffloadSet(guestFeatures: features))
+            case .setMAC(let address):
+                filterCell.update { _, mac in mac = address }
+            }
+        } catch {
+            logger.warning("control command failed in the backend", metadata: ["error": "\(error)"])
+            return .error
+        }
+        let filter = state.withLock { $0.control.filter }
+        if effect == .none { filterCell.update { current, _ in current = filter } }
+        return .ok
+    }
+}

@@ -1,0 +1,317 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import GuestMemory
+import Logging
+import Synchronization
+import Sys
+import Virtqueue
+
+/// The receive filter and the device's MAC, shared between the control queue (writer) and the
+/// receive workers (readers, who copy it only when `generation` moves).
+final class FilterCell: Sendable {
+    private let state: Mutex<(filter: ReceiveFilter, mac: MACAddress)>
+    let generation = Atomic<UInt64>(0)
+
+    init(mac: MACAddress) { state = Mutex((ReceiveFilter(), mac)) }
+
+    func update(_ body: (inout ReceiveFilter, inout MACAddress) -> Void) {
+        state.withLock { body(&$0.filter, &$0.mac) }
+        generation.add(1, ordering: .releasing)
+    }
+
+    var current: (filter: ReceiveFilter, mac: MACAddress) { state.withLock { $0 } }
+}
+
+/// The backend-to-guest side of one queue pair. Owned by one thread at a time (its worker).
+///
+/// Frames are read straight into the guest's buffers. Chains are popped ahead into a cache until they
+/// can hold the largest frame that may arrive, so the read never needs to know the frame's size;
+/// chains a frame did not use stay cached for the next one. Only when the guest has posted too little
+/// for the largest frame does a frame land in a bounce buffer first, to be copied once it fits.
+final class ReceiveQueue: @unchecked Sendable {
+    private(set) var ring: SplitQueue
+    let index: Int
+    let backendQueue: Int
+    let call: EventFD?
+    let counters: QueueCounters
+    let mergeable: Bool
+    /// Bytes of guest buffers wanted before reading: the largest frame the backend can deliver.
+    let targetCapacity: Int
+    private let filterCell: FilterCell
+    private var filterGeneration: UInt64 = .max
+    private var filter = ReceiveFilter()
+    private var mac: MACAddress
+    private let logger: Logger
+    private var faultsLogged = 0
+
+    /// Popped chains not yet used, oldest first. Their iovecs are contiguous in `iovecs` from `window`.
+    private struct CachedChain {
+        var head: UInt16
+        var iovecEnd: Int
+        var capacity: Int
+    }
+    private var iovecs: IOVecArray
+    private var window = 0
+    private let cache: UnsafeMutablePointer<CachedChain>
+    private let cacheCapacity: Int
+    private var cacheFirst = 0
+    private var cacheCount = 0
+    private var cachedBytes = 0
+
+    private let bounce: UnsafeMutableRawBufferPointer
+    private var bouncedLength = 0
+
+    init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
+         features: VirtioNetFeatures, mtu: Int, filter: FilterCell, logger: Logger) {
+        self.index = index
+        self.backendQueue = backendQueue
+        self.ring = ring
+        self.call = call
+        self.counters = counters
+        self.mergeable = features.contains(.mergeableRxBuffers)
+        let gso: VirtioNetFeatures = [.guestTSO4, .guestTSO6, .guestUFO, .guestUSO4, .guestUSO6]
+        self.targetCapacity = features.isDisjoint(with: gso)
+            ? mtu + 14 + 4 + VirtioNetHeader.size
+            : EngineLimits.largestReceiveFrame
+        self.filterCell = filter
+        self.mac = filter.current.mac
+        self.logger = logger
+        self.cacheCapacity = Int(ring.size)
+        self.cache = .allocate(capacity: cacheCapacity)
+        self.iovecs = IOVecArray(capacity: 4 * EngineLimits.maximumSegmentsPerFrame)
+        self.bounce = .allocate(byteCount: EngineLimits.largestReceiveFrame, alignment: 16)
+    }
+
+    deinit {
+        cache.deallocate()
+        bounce.deallocate()
+    }
+
+    /// The available index a restarted queue should resume from: chains cached but unused go back.
+    var nextAvailableIndex: UInt16 { ring.nextAvailableIndex &- UInt16(truncatingIfNeeded: cacheCount) }
+
+    /// Gives cached chains back to the ring (before a stop) so that GET_VRING_BASE reports them unused.
+    func returnCachedChains() {
+        ring.undoPop(cacheCount)
+        cacheCount = 0
+        cacheFirst = 0
+        cachedBytes = 0
+        iovecs.removeAll()
+        window = 0
+        if bouncedLength > 0 {
+            counters.countDrop(.tooLarge)
+            bouncedLength = 0
+        }
+    }
+
+    /// Moves up to `budget` frames from the backend into the guest's buffers.
+    func process<Backend: PacketBackend>(backend: Backend, budget: Int) -> QueuePassResult {
+        refreshFilter()
+        var unpublished = 0
+        var frames = 0
+        var bytes = 0
+        var result = QueuePassResult.budgetExhausted
+        var handled = 0
+        while handled < budget {
+            if case .broken(let fault) = refill(unpublished: &unpublished) {
+                result = .broken(fault)
+                break
+            }
+            if bouncedLength > 0 {
+                // A frame waits for room; it is the next one the guest must see.
+                guard cachedBytes >= bouncedLength else { result = .blocked; break }
+                let length = bouncedLength
+                _ = IOVec.copyIn(UnsafeRawBufferPointer(rebasing: bounce[0..<length]), to: UnsafeBufferPointer(windowIOVecs(chains: cacheCount)), at: 0)
+                bouncedLength = 0
+                complete(length: length, unpublished: &unpublished)
+                frames += 1
+                bytes += length - VirtioNetHeader.size
+                handled += 1
+            } else {
+                guard cacheCount > 0 else { result = .blocked; break }
+                let direct = mergeable ? cachedBytes >= targetCapacity : cache[cacheFirst].capacity >= targetCapacity
+                let outcome: ReceiveOutcome
+                if direct {
+                    outcome = backend.receive(queue: backendQueue, into: UnsafeBufferPointer(windowIOVecs(chains: mergeable ? cacheCount : 1)))
+                } else {
+                    outcome = backend.receive(queue: backendQueue, into: UnsafeBufferPointer(bounceIOVec()))
+                }
+                switch outcome {
+                case .empty:
+                    result = .idle
+                case .dropped:
+                    counters.countDrop(.tooLarge)
+                    handled += 1
+                    continue
+                case .received(let length):
+                    handled += 1
+                    guard length >= VirtioNetHeader.size + 14 else {
+                        counters.countDrop(.backend)
+                        continue
+                    }
+                    guard accepts(frameIn: direct) else {
+                        counters.countDrop(.filtered)
+                        continue
+                    }
+                    if direct {
+                        complete(length: length, unpublished: &unpublished)
+                        frames += 1
+                        bytes += length - VirtioNetHeader.size
+                    } else {
+                        let fits = mergeable ? cachedBytes >= length : cache[cacheFirst].capacity >= length
+                        if fits || mergeable {
+                            // Delivered now if it fits, else as soon as the guest posts enough.
+                            bouncedLength = length
+                        } else {
+                            counters.countDrop(.tooLarge)
+                        }
+                    }
+                }
+                if result == .idle { break }
+            }
+            if unpublished >= EngineLimits.burst {
+                publish()
+                unpublished = 0
+            }
+        }
+        if unpublished > 0 { publish() }
+        counters.addFrames(frames, bytes: bytes)
+        return result
+    }
+
+    /// Pops chains until the cache holds `targetCapacity` bytes (one chain without mergeable buffers
+    /// is enough if it is big enough) or the ring is empty.
+    private func refill(unpublished: inout Int) -> QueuePassResult {
+        while cacheCount < cacheCapacity {
+            if mergeable ? cachedBytes >= max(targetCapacity, bouncedLength) : cacheCount > 0 { break }
+            if iovecs.capacity - iovecs.count < EngineLimits.maximumSegmentsPerFrame {
+                guard compact() else { break }
+            }
+            let start = iovecs.count
+            let chain: DescriptorChain
+            do throws(VirtqueueError) {
+                guard let popped = try ring.popChain(into: &iovecs) else { break }
+                chain = popped
+            } catch {
+                switch error {
+                case .badChain(let head, let fault):
+                    drop(head: head, fault)
+                    unpublished += 1
+                    continue
+                case .broken(let fault):
+                    return .broken(fault)
+                }
+            }
+            guard chain.readable.isEmpty, chain.writableLength >= UInt32(VirtioNetHeader.size) else {
+                iovecs.count = start
+                drop(head: chain.head, chain.readable.isEmpty ? "buffer shorter than the header" : "readable descriptor in a receive chain")
+                unpublished += 1
+                continue
+            }
+            cache[(cacheFirst + cacheCount) % cacheCapacity] = CachedChain(head: chain.head, iovecEnd: iovecs.count, capacity: Int(chain.writableLength))
+            cacheCount += 1
+            cachedBytes += Int(chain.writableLength)
+        }
+        return .idle
+    }
+
+    /// Moves the live iovecs to the front of the array; false if there is no room to gain.
+    private func compact() -> Bool {
+        guard window > 0 else { return false }
+        let live = iovecs.count - window
+        iovecs.base.update(from: iovecs.base + window, count: live)
+        for offset in 0..<cacheCount {
+            cache[(cacheFirst + offset) % cacheCapacity].iovecEnd -= window
+        }
+        iovecs.count = live
+        window = 0
+        return true
+    }
+
+    /// The iovecs of the first `chains` cached chains, at most UIO_MAXIOV of them.
+    private func windowIOVecs(chains: Int) -> UnsafeMutableBufferPointer<iovec> {
+        let end = cache[(cacheFirst + chains - 1) % cacheCapacity].iovecEnd
+        let count = min(end - window, EngineLimits.maximumSegmentsPerFrame)
+        return iovecs.buffer(window..<window + count)
+    }
+
+    private func bounceIOVec() -> UnsafeMutableBufferPointer<iovec> {
+        // The iovec lives in the slot just past the live ones: free, since refill leaves room.
+        let slot = iovecs.base + iovecs.count
+        slot.pointee = iovec(iov_base: bounce.baseAddress, iov_len: bounce.count)
+        return UnsafeMutableBufferPointer(start: slot, count: 1)
+    }
+
+    /// Hands `length` bytes, already in the first cached chains, to the guest.
+    private func complete(length: Int, unpublished: inout Int) {
+        var remaining = length
+        var used = 0
+        var firstChainIOVecs = 0..<0
+        while remaining > 0 && used < cacheCount {
+            let chain = cache[(cacheFirst + used) % cacheCapacity]
+            if used == 0 { firstChainIOVecs = window..<chain.iovecEnd }
+            let taken = min(chain.capacity, remaining)
+            ring.addUsed(head: chain.head, length: UInt32(taken))
+            remaining -= taken
+            cachedBytes -= chain.capacity
+            used += 1
+            if !mergeable { break }
+        }
+        // num_buffers (header offset 10): the kernel leaves it alone, the driver relies on it.
+        var numBuffers = UInt16(truncatingIfNeeded: used).littleEndian
+        withUnsafeBytes(of: &numBuffers) { bytes in
+            _ = IOVec.copyIn(bytes, to: UnsafeBufferPointer(iovecs.buffer(firstChainIOVecs)), at: 10)
+        }
+        window = cache[(cacheFirst + used - 1) % cacheCapacity].iovecEnd
+        cacheFirst = (cacheFirst + used) % cacheCapacity
+        cacheCount -= used
+        if cacheCount == 0 {
+            iovecs.removeAll()
+            window = 0
+        }
+        unpublished += used
+    }
+
+    private func refreshFilter() {
+        let generation = filterCell.generation.load(ordering: .acquiring)
+        guard generation != filterGeneration else { return }
+        (filter, mac) = filterCell.current
+        filterGeneration = generation
+    }
+
+    /// Applies the receive filter to the frame just read (in the guest's buffers or the bounce buffer).
+    private func accepts(frameIn guestBuffers: Bool) -> Bool {
+        if filter.promiscuous { return true }
+        var destination = (UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0))
+        withUnsafeMutableBytes(of: &destination) { bytes in
+            if guestBuffers {
+                _ = IOVec.copyOut(UnsafeBufferPointer(windowIOVecs(chains: cacheCount)), from: VirtioNetHeader.size, into: bytes)
+            } else {
+                bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce[VirtioNetHeader.size..<VirtioNetHeader.size + 6]))
+            }
+        }
+        let address = MACAddress(destination.0, destination.1, destination.2, destination.3, destination.4, destination.5)
+        return filter.accepts(destination: address, mac: mac)
+    }
+
+    private func publish() {
+        ring.publishUsed()
+        if ring.needsInterrupt() {
+            counters.countInterrupt()
+            try? call?.signal()
+        }
+    }
+
+    private func drop(head: UInt16, _ why: Any) {
+        ring.addUsed(head: head, length: 0)
+        counters.countDrop(.badChain)
+        faultsLogged += 1
+        logger.log(level: faultsLogged <= 8 ? .warning : .debug, "receive buffer refused", metadata: [
+            "queue": "\(index)", "detail": "\(why)",
+        ])
+    }
+
+    func enableNotifications() throws(VirtqueueError) -> Bool { try ring.enableNotifications() }
+    func disableNotifications() { ring.disableNotifications() }
+}

@@ -1,0 +1,210 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import GuestMemory
+import Sys
+import VirtioNet
+import Virtqueue
+
+/// A frame as the guest received it.
+public struct ReceivedFrame: Equatable, Sendable {
+    public var header: VirtioNetHeader
+    public var frame: [UInt8]
+    /// How many receive buffers (chains) it took.
+    public var buffers: Int
+}
+
+/// Plays a virtio-net guest driver against a `NetDevice`: negotiates, lays out the rings in shared
+/// memory, sends frames, posts receive buffers, reads what comes back, and sends control commands.
+public final class SimulatedNetDriver: @unchecked Sendable {
+    public let guest: SimulatedGuestMemory
+    public let device: NetDevice
+    public let features: VirtioNetFeatures
+    public let queuePairs: Int
+    public let receiveQueues: [SimulatedQueue]
+    public let transmitQueues: [SimulatedQueue]
+    public let controlQueue: SimulatedQueue?
+    /// Kick and call eventfds by virtqueue index.
+    public let kicks: [Int: EventFD]
+    public let calls: [Int: EventFD]
+    /// Use indirect descriptor tables for every chain it adds.
+    public var useIndirect = false
+    /// Runs the device after the driver adds work. Polls it on this thread by default; with worker
+    /// threads running the device, set it to nothing.
+    public var drive: @Sendable (NetDevice) -> Void = { $0.poll() }
+
+    /// Negotiates `wanted ∩ offered` (all offered by default) and activates every queue.
+    public init(device: NetDevice, wanted: VirtioNetFeatures? = nil, queueSize: Int = 256,
+                guest: SimulatedGuestMemory? = nil, frontendAddresses: Bool = false) throws {
+        let memory = try guest ?? SimulatedGuestMemory()
+        self.guest = memory
+        self.device = device
+        let features = device.offeredFeatures.intersection(wanted ?? device.offeredFeatures)
+        self.features = features
+        try device.acknowledge(features: features)
+        let pairs = features.contains(.mq) ? device.configuration.queuePairs : 1
+        self.queuePairs = pairs
+        let eventIndex = features.contains(.eventIndex)
+        receiveQueues = (0..<pairs).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex) }
+        transmitQueues = (0..<pairs).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex) }
+        controlQueue = features.contains(.ctrlVQ) ? SimulatedQueue(guest: memory, size: 64, eventIndex: eventIndex) : nil
+        self.guest.sealRingArea()
+
+        var queues: [QueueConfiguration] = []
+        var kicks: [Int: EventFD] = [:]
+        var calls: [Int: EventFD] = [:]
+        func configure(_ queue: SimulatedQueue, index: Int) throws {
+            let kick = try EventFD()
+            let call = try EventFD()
+            kicks[index] = kick
+            calls[index] = call
+            queues.append(QueueConfiguration(index: index, size: queue.size,
+                                             rings: frontendAddresses ? queue.frontendRings : queue.rings,
+                                             kick: kick, call: call))
+        }
+        for pair in 0..<pairs {
+            try configure(receiveQueues[pair], index: 2 * pair)
+            try configure(transmitQueues[pair], index: 2 * pair + 1)
+        }
+        if let controlQueue { try configure(controlQueue, index: device.controlQueueIndex(features: features)) }
+        self.kicks = kicks
+        self.calls = calls
+        try device.activate(memory: self.guest.memory, queues: queues)
+    }
+
+    // MARK: Transmit
+
+    /// Sends `frame` with `header` on queue pair `pair`. With `segmentSize`, the header and frame are
+    /// spread over descriptors of that many bytes. Returns false if the ring is full.
+    @discardableResult
+    public func transmit(_ frame: [UInt8], header: VirtioNetHeader = VirtioNetHeader(), pair: Int = 0,
+                         segmentSize: Int? = nil, indirect: Bool? = nil) -> Bool {
+        let bytes = header.bytes + frame
+        let queue = transmitQueues[pair]
+        let address = guest.allocate(bytes.count)
+        guest.write(bytes, at: address)
+        var segments: [(address: GuestAddress, length: UInt32, writable: Bool)] = []
+        let step = segmentSize ?? bytes.count
+        var offset = 0
+        while offset < bytes.count {
+            let length = min(step, bytes.count - offset)
+            segments.append((GuestAddress(address.rawValue + UInt64(offset)), UInt32(length), false))
+            offset += length
+        }
+        let old = queue.availableIndex
+        guard queue.add(segments, indirect: indirect ?? useIndirect) != nil else { return false }
+        kick(queue: queue, index: 2 * pair + 1, since: old)
+        return true
+    }
+
+    /// Used entries of transmitted chains since the last call.
+    public func completedTransmits(pair: Int = 0) -> [(head: UInt16, length: UInt32)] {
+        transmitQueues[pair].takeUsed()
+    }
+
+    // MARK: Receive
+
+    /// Posts `count` receive buffers of `size` bytes each, each split over `segments` descriptors.
+    public func postReceiveBuffers(pair: Int = 0, count: Int, size: Int = 2048, segments: Int = 1) {
+        let queue = receiveQueues[pair]
+        let old = queue.availableIndex
+        for _ in 0..<count {
+            let address = guest.allocate(size)
+            let piece = size / segments
+            var chain: [(address: GuestAddress, length: UInt32, writable: Bool)] = []
+            for index in 0..<segments {
+                let length = index == segments - 1 ? size - piece * (segments - 1) : piece
+                chain.append((GuestAddress(address.rawValue + UInt64(index * piece)), UInt32(length), true))
+            }
+            guard queue.add(chain, indirect: useIndirect, publish: false) != nil else { break }
+        }
+        queue.publishAvailable()
+        kick(queue: queue, index: 2 * pair, since: old)
+    }
+
+    /// Frames the device has delivered since the last call, reassembled across mergeable buffers.
+    public func receivedFrames(pair: Int = 0) -> [ReceivedFrame] {
+        let queue = receiveQueues[pair]
+        var pieces: [[UInt8]] = []
+        for used in queue.takeUsed() {
+            var data: [UInt8] = []
+            var remaining = Int(used.length)
+            for (address, length) in queue.buffers[used.head] ?? [] {
+                guard remaining > 0 else { break }
+                let take = min(Int(length), remaining)
+                data += guest.read(address, count: take)
+                remaining -= take
+            }
+            pieces.append(data)
+        }
+        var frames: [ReceivedFrame] = []
+        var index = 0
+        while index < pieces.count {
+            guard pieces[index].count >= VirtioNetHeader.size else { index += 1; continue }
+            let header = VirtioNetHeader(Array(pieces[index][0..<VirtioNetHeader.size]))
+            let count = features.contains(.mergeableRxBuffers) ? max(1, Int(header.numBuffers)) : 1
+            var frame = Array(pieces[index][VirtioNetHeader.size...])
+            for next in pieces[(index + 1)..<min(index + count, pieces.count)] { frame += next }
+            frames.append(ReceivedFrame(header: header, frame: frame, buffers: count))
+            index += count
+        }
+        return frames
+    }
+
+    // MARK: Control queue
+
+    /// Sends one control command and returns the ack byte (nil if the device never answered).
+    public func control(class controlClass: UInt8, command: UInt8, data: [UInt8]) -> UInt8? {
+        guard let queue = controlQueue else { return nil }
+        let request = [controlClass, command] + data
+        let address = guest.allocate(request.count)
+        guest.write(request, at: address)
+        let ack = guest.allocate(1)
+        guest.write([0xee], at: ack)
+        let old = queue.availableIndex
+        guard queue.add([(address, UInt32(request.count), false), (ack, 1, true)], indirect: useIndirect) != nil else { return nil }
+        kick(queue: queue, index: device.controlQueueIndex(features: features), since: old)
+        let answered = waitUntil { queue.usedIndex == queue.availableIndex }
+        _ = queue.takeUsed()
+        return answered ? guest.read(ack, count: 1)[0] : nil
+    }
+
+    // MARK: Driving and waiting
+
+    /// Kicks the device if the ring's notification state asks for it, then lets the device run.
+    public func kick(queue: SimulatedQueue, index: Int, since old: UInt16) {
+        if queue.needsKick(since: old) { try? kicks[index]?.signal() }
+        drive(device)
+    }
+
+    /// Runs the device until `condition` holds or `timeout` seconds pass. Returns whether it held.
+    @discardableResult
+    public func waitUntil(timeout: Double = 10, _ condition: () -> Bool) -> Bool {
+        let deadline = Self.now() + timeout
+        while true {
+            drive(device)
+            if condition() { return true }
+            if Self.now() > deadline { return false }
+            // Wake on any interrupt from the device, or re-check soon: no fixed sleep decides a result.
+            var descriptors = calls.values.map { pollfd(fd: $0.rawValue, events: Int16(POLLIN), revents: 0) }
+            _ = Glibc.poll(&descriptors, nfds_t(descriptors.count), 5)
+            for call in calls.values { _ = try? call.drain() }
+        }
+    }
+
+    /// Waits for `count` frames on `pair` and returns those that came.
+    public func receive(count: Int, pair: Int = 0, timeout: Double = 10) -> [ReceivedFrame] {
+        var frames: [ReceivedFrame] = []
+        waitUntil(timeout: timeout) {
+            frames += receivedFrames(pair: pair)
+            return frames.count >= count
+        }
+        return frames
+    }
+
+    public static func now() -> Double {
+        var time = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &time)
+        return Double(time.tv_sec) + Double(time.tv_nsec) / 1e9
+    }
+}

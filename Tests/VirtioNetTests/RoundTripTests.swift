@@ -1,0 +1,101 @@
+import Testing
+import VirtioNet
+import VirtioNetTestSupport
+
+struct RingOptions: CustomTestStringConvertible, Sendable {
+    var indirect: Bool
+    var eventIndex: Bool
+    var mergeable: Bool
+    var testDescription: String { "indirect=\(indirect) event_idx=\(eventIndex) mrg_rxbuf=\(mergeable)" }
+
+    static let all: [RingOptions] = [false, true].flatMap { indirect in
+        [false, true].flatMap { eventIndex in
+            [false, true].map { RingOptions(indirect: indirect, eventIndex: eventIndex, mergeable: $0) }
+        }
+    }
+}
+
+@Suite("Frames round-trip guest -> device -> loopback -> device -> guest")
+struct RoundTripTests {
+    static let sizes = [14, 60, 64, 65, 1514, 1518, 4096, 9014, 32768, 65536]
+
+    @Test(arguments: RingOptions.all)
+    func framesOfManySizesComeBackIntact(options: RingOptions) throws {
+        var without: VirtioNetFeatures = []
+        if !options.eventIndex { without.insert(.eventIndex) }
+        if !options.mergeable { without.insert(.mergeableRxBuffers) }
+        let (device, driver, backend) = try makeLoopbackDevice(mtu: 65535, without: without)
+        driver.useIndirect = options.indirect
+        #expect(driver.features.contains(.eventIndex) == options.eventIndex)
+        #expect(driver.features.contains(.mergeableRxBuffers) == options.mergeable)
+
+        for (number, size) in Self.sizes.enumerated() {
+            // Mergeable: many small buffers; otherwise a few buffers each big enough for any frame.
+            if options.mergeable {
+                driver.postReceiveBuffers(count: 40, size: 2048)
+            } else {
+                driver.postReceiveBuffers(count: 2, size: 65565 + 3, segments: 4)
+            }
+            let frame = ethernetFrame(length: size, seed: UInt8(number))
+            let header = VirtioNetHeader(flags: .dataValid, numBuffers: 0)
+            #expect(driver.transmit(frame, header: header, segmentSize: size > 4000 ? 1500 : nil))
+            let received = driver.receive(count: 1)
+            try #require(received.count == 1, "frame of \(size) bytes did not come back")
+            #expect(received[0].frame == frame, "frame of \(size) bytes changed on the way")
+            #expect(received[0].header.flags == .dataValid)
+            if options.mergeable {
+                #expect(received[0].buffers == (size + 12 + 2047) / 2048)
+            } else {
+                #expect(received[0].buffers == 1)
+                #expect(received[0].header.numBuffers == 1)
+            }
+            #expect(driver.completedTransmits().count == 1)
+        }
+        let tx = device.queuePairCounters[0].transmit.snapshot
+        let rx = device.queuePairCounters[0].receive.snapshot
+        #expect(tx.frames == UInt64(Self.sizes.count))
+        #expect(rx.frames == UInt64(Self.sizes.count))
+        #expect(tx.bytes == UInt64(Self.sizes.reduce(0, +)))
+        #expect(tx.drops.values.allSatisfy { $0 == 0 })
+        #expect(rx.drops.values.allSatisfy { $0 == 0 })
+        #expect(backend.pendingFrames(queue: 0) == 0)
+    }
+
+    @Test("GSO and checksum headers are passed through exactly")
+    func headersArePreserved() throws {
+        let (_, driver, _) = try makeLoopbackDevice()
+        driver.postReceiveBuffers(count: 128, size: 2048)
+        let headers = [
+            VirtioNetHeader(flags: .needsCsum, csumStart: 34, csumOffset: 6),
+            VirtioNetHeader(flags: .needsCsum, gsoType: .tcpv4, headerLength: 66, gsoSize: 1448, csumStart: 34, csumOffset: 16),
+            VirtioNetHeader(flags: .needsCsum, gsoType: .tcpv6, ecn: true, headerLength: 86, gsoSize: 1428, csumStart: 54, csumOffset: 16),
+            VirtioNetHeader(flags: .needsCsum, gsoType: .udp, headerLength: 42, gsoSize: 1472, csumStart: 34, csumOffset: 6),
+        ]
+        for header in headers {
+            let frame = ethernetFrame(length: header.gsoType == VirtioNetHeader.GSOType.none ? 1000 : 60000)
+            #expect(driver.transmit(frame, header: header))
+            let received = driver.receive(count: 1)
+            try #require(received.count == 1)
+            var expected = header
+            expected.numBuffers = received[0].header.numBuffers
+            #expect(received[0].header == expected)
+            #expect(received[0].frame == frame)
+        }
+    }
+
+    @Test("A burst of frames gets far fewer interrupts than frames with event idx")
+    func burstsAreBatched() throws {
+        let (device, driver, _) = try makeLoopbackDevice()
+        driver.postReceiveBuffers(count: 200, size: 2048)
+        let frames = (0..<150).map { ethernetFrame(length: 100 + $0, seed: UInt8($0)) }
+        // Post all without letting the device run, then let it run once.
+        driver.drive = { _ in }
+        for frame in frames { #expect(driver.transmit(frame)) }
+        driver.drive = { $0.poll() }
+        let received = driver.receive(count: frames.count)
+        #expect(received.map(\.frame) == frames)
+        let rx = device.queuePairCounters[0].receive.snapshot
+        #expect(rx.interrupts >= 1)
+        #expect(rx.interrupts <= 3, "one interrupt per burst at most (event idx)")
+    }
+}
