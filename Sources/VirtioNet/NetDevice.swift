@@ -31,6 +31,11 @@ public struct QueueConfiguration: Sendable {
 public struct QueueState: Equatable, Sendable {
     public var index: Int
     public var nextAvailableIndex: UInt16
+
+    public init(index: Int, nextAvailableIndex: UInt16) {
+        self.index = index
+        self.nextAvailableIndex = nextAvailableIndex
+    }
 }
 
 /// The counters of one queue pair, kept across resets for metrics.
