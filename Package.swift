@@ -25,6 +25,11 @@ let package = Package(
             dependencies: ["Virtqueue", "GuestMemory", "Sys", .product(name: "Logging", package: "swift-log")]
         ),
         .target(name: "VirtioNetTestSupport", dependencies: ["VirtioNet", "Virtqueue", "GuestMemory", "Sys"]),
+        .executableTarget(
+            name: "LibraryExample",
+            dependencies: ["VirtioNet", "VirtioNetTestSupport", "GuestMemory", .product(name: "Logging", package: "swift-log")],
+            path: "Examples/LibraryExample"
+        ),
         .testTarget(name: "TapTests", dependencies: ["Tap", "Sys"]),
         .testTarget(
             name: "VirtioNetTests",
