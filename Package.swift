@@ -22,7 +22,7 @@ let package = Package(
         .target(name: "Tap", dependencies: ["Sys", "CVirtioShim"]),
         .target(
             name: "VirtioNet",
-            dependencies: ["Virtqueue", "GuestMemory", "Sys", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["Virtqueue", "GuestMemory", "Tap", "Sys", "CVirtioShim", .product(name: "Logging", package: "swift-log")]
         ),
         .target(name: "VirtioNetTestSupport", dependencies: ["VirtioNet", "Virtqueue", "GuestMemory", "Sys"]),
         .executableTarget(

@@ -2,6 +2,7 @@
 #include "CVirtioShim.h"
 #include <sys/mman.h>
 #include <sys/eventfd.h>
+#include <pthread.h>
 
 const unsigned int CVS_MFD_CLOEXEC = MFD_CLOEXEC;
 const unsigned int CVS_MFD_ALLOW_SEALING = MFD_ALLOW_SEALING;
@@ -10,3 +11,4 @@ const int CVS_EFD_NONBLOCK = EFD_NONBLOCK;
 
 int cvs_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 int cvs_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }
+int cvs_set_thread_name(const char *name) { return pthread_setname_np(pthread_self(), name); }

@@ -51,6 +51,7 @@ final class ActiveQueues: @unchecked Sendable {
     var transmit: [TransmitQueue?]
     var control: ControlQueueEngine?
     var kicks: [Int: EventFD] = [:]
+    var workers: [QueuePairWorker] = []
     let controlIndex: Int
 
     init(memory: GuestMemory, pairs: Int, controlIndex: Int) {
@@ -59,6 +60,14 @@ final class ActiveQueues: @unchecked Sendable {
         receive = Array(repeating: nil, count: pairs)
         transmit = Array(repeating: nil, count: pairs)
     }
+}
+
+/// Who runs the queues of an active device.
+public enum DriveMode: Sendable {
+    /// One worker thread per queue pair, woken by the kick eventfds and the backend (the default).
+    case workerThreads
+    /// The caller, through `poll()` (for VMMs with their own event loop, and for tests).
+    case manual
 }
 
 /// A virtio-net device (virtio 1.2, 5.1) in front of a `PacketBackend`.
@@ -161,8 +170,9 @@ public final class NetDevice: Sendable {
         state.withLock { $0.linkUp = up }
     }
 
-    /// The driver's DRIVER_OK: validates and maps every queue given. Queues not given stay unused.
-    public func activate(memory: GuestMemory, queues: [QueueConfiguration]) throws(NetDeviceError) {
+    /// The driver's DRIVER_OK: validates and maps every queue given, then starts the workers (with
+    /// `.workerThreads`, every queue needs a kick eventfd). Queues not given stay unused.
+    public func activate(memory: GuestMemory, queues: [QueueConfiguration], drive: DriveMode = .workerThreads) throws(NetDeviceError) {
         guard let features = negotiatedFeatures else { throw .invalidState("activate before features were acknowledged") }
         let controlIndex = features.contains(.ctrlVQ) ? controlQueueIndex(features: features) : -1
         let pairs = configuration.queuePairs
@@ -204,11 +214,47 @@ public final class NetDevice: Sendable {
                     logger: queueLogger
                 )
             }
-            if let kick = queue.kick { active.kicks[queue.index] = kick }
+            if let kick = queue.kick {
+                active.kicks[queue.index] = kick
+            } else if drive == .workerThreads {
+                throw .invalidQueue(index: queue.index, "a kick eventfd is needed for worker threads")
+            }
         }
         try state.withLock { (state) throws(NetDeviceError) in
             guard state.active == nil else { throw .invalidState("already active") }
             state.active = active
+        }
+        if drive == .workerThreads {
+            do {
+                try startWorkers(active)
+            } catch {
+                reset()
+                throw .backend("cannot start queue workers: \(error)")
+            }
+        }
+    }
+
+    private func startWorkers(_ active: ActiveQueues) throws(SystemError) {
+        for pair in 0..<configuration.queuePairs {
+            let control = pair == 0 ? active.control : nil
+            guard active.receive[pair] != nil || active.transmit[pair] != nil || control != nil else { continue }
+            let worker = try QueuePairWorker(
+                pair: pair, receive: active.receive[pair], transmit: active.transmit[pair], control: control,
+                receiveKick: active.kicks[2 * pair], transmitKick: active.kicks[2 * pair + 1],
+                controlKick: control.flatMap { active.kicks[$0.index] },
+                counters: queuePairCounters[pair], controlCounters: controlCounters, backend: backend,
+                executeControl: { [weak self] command in self?.executeControl(command) ?? .error },
+                onBroken: { [weak self] queue, fault in self?.markBroken(queue: queue, fault) },
+                logger: logger
+            )
+            active.workers.append(worker)
+            try worker.start()
+        }
+    }
+
+    deinit {
+        if let active = state.withLock({ $0.active }) {
+            for worker in active.workers { worker.stop() }
         }
     }
 
@@ -224,6 +270,8 @@ public final class NetDevice: Sendable {
             return active
         }
         guard let active else { return [] }
+        for worker in active.workers { worker.stop() }
+        active.workers.removeAll()
         var states: [QueueState] = []
         for queue in active.receive.compactMap({ $0 }) {
             queue.returnCachedChains()
@@ -250,7 +298,7 @@ public final class NetDevice: Sendable {
     /// Returns false if the guest broke a ring (the device then needs a reset).
     @discardableResult
     public func poll() -> Bool {
-        guard let active = state.withLock({ $0.active }) else { return true }
+        guard let active = state.withLock({ $0.active }), active.workers.isEmpty else { return !needsReset }
         for (index, kick) in active.kicks {
             if (try? kick.drain()) != nil { countKick(queue: index, controlIndex: active.controlIndex) }
         }
@@ -288,9 +336,13 @@ public final class NetDevice: Sendable {
 
     private func check(_ result: QueuePassResult, queue: Int) -> Bool {
         guard case .broken(let fault) = result else { return true }
+        markBroken(queue: queue, fault)
+        return false
+    }
+
+    func markBroken(queue: Int, _ fault: QueueFault) {
         state.withLock { $0.needsReset = true }
         logger.error("guest broke a virtqueue; the device needs a reset", metadata: ["queue": "\(queue)", "fault": "\(fault)"])
-        return false
     }
 
     /// Executes one control command and applies its effect.

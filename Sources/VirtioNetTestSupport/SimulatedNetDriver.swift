@@ -34,8 +34,9 @@ public final class SimulatedNetDriver: @unchecked Sendable {
     public var drive: @Sendable (NetDevice) -> Void = { $0.poll() }
 
     /// Negotiates `wanted ∩ offered` (all offered by default) and activates every queue.
+    /// With `threaded`, the device runs its own worker threads and the driver only waits.
     public init(device: NetDevice, wanted: VirtioNetFeatures? = nil, queueSize: Int = 256,
-                guest: SimulatedGuestMemory? = nil, frontendAddresses: Bool = false) throws {
+                guest: SimulatedGuestMemory? = nil, frontendAddresses: Bool = false, threaded: Bool = false) throws {
         let memory = try guest ?? SimulatedGuestMemory()
         self.guest = memory
         self.device = device
@@ -69,7 +70,8 @@ public final class SimulatedNetDriver: @unchecked Sendable {
         if let controlQueue { try configure(controlQueue, index: device.controlQueueIndex(features: features)) }
         self.kicks = kicks
         self.calls = calls
-        try device.activate(memory: self.guest.memory, queues: queues)
+        if threaded { drive = { _ in } }
+        try device.activate(memory: self.guest.memory, queues: queues, drive: threaded ? .workerThreads : .manual)
     }
 
     // MARK: Transmit

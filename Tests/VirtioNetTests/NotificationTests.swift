@@ -86,7 +86,7 @@ struct NotificationTests {
             guard let queue else { return nil }
             return QueueConfiguration(index: state.index, size: queue.size, rings: queue.rings, nextAvailableIndex: state.nextAvailableIndex)
         }
-        try device.activate(memory: driver.guest.memory, queues: queues)
+        try device.activate(memory: driver.guest.memory, queues: queues, drive: .manual)
         backend.inject(queue: 0, frame: VirtioNetHeader().bytes + ethernetFrame(length: 70))
         let received = driver.receive(count: 1)
         #expect(received.count == 1 && received.first?.frame.count == 70)

@@ -11,6 +11,8 @@
 // Syscalls whose declarations need _GNU_SOURCE; each returns -1 and sets errno on failure.
 int cvs_memfd_create(const char *name, unsigned int flags);
 int cvs_eventfd(unsigned int initval, int flags);
+/// Names the calling thread (15 bytes at most), for ps, top and perf.
+int cvs_set_thread_name(const char *name);
 
 extern const unsigned int CVS_MFD_CLOEXEC;
 extern const unsigned int CVS_MFD_ALLOW_SEALING;
@@ -31,5 +33,8 @@ static inline void cvs_fence_seq_cst(void) {
 static inline void cvs_fence_acquire(void) {
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
 }
+
+// TAP ioctls live in their own header; included here because the umbrella header defines the module.
+#include "CVirtioShimTap.h"
 
 #endif

@@ -1,0 +1,68 @@
+import Testing
+import VirtioNet
+import VirtioNetTestSupport
+
+@Suite("Worker threads drive the queues from kicks and backend readiness")
+struct WorkerTests {
+    @Test(arguments: [1, 3])
+    func framesRoundTripOnEveryQueuePair(pairs: Int) throws {
+        let (device, driver, _) = try makeLoopbackDevice(queuePairs: pairs, threaded: true)
+        defer { device.reset() }
+        for pair in 0..<pairs { driver.postReceiveBuffers(pair: pair, count: 100) }
+        for pair in 0..<pairs {
+            let frames = (0..<50).map { ethernetFrame(length: 60 + $0 * 20, seed: UInt8(pair * 50 + $0)) }
+            for frame in frames { #expect(driver.transmit(frame, pair: pair)) }
+            let received = driver.receive(count: frames.count, pair: pair)
+            #expect(received.map(\.frame) == frames, "pair \(pair)")
+        }
+        for pair in 0..<pairs {
+            #expect(device.queuePairCounters[pair].transmit.frames.current == 50)
+            #expect(device.queuePairCounters[pair].receive.frames.current == 50)
+        }
+    }
+
+    @Test("Receive waits for buffers without spinning, then resumes when the guest posts some")
+    func receiveResumesWhenBuffersArrive() throws {
+        let (device, driver, backend) = try makeLoopbackDevice(threaded: true)
+        defer { device.reset() }
+        for number in 0..<5 { backend.inject(queue: 0, frame: VirtioNetHeader().bytes + ethernetFrame(length: 100, seed: UInt8(number))) }
+        // No buffers yet: nothing can arrive, and the frames wait in the backend.
+        #expect(driver.receive(count: 1, timeout: 0.2).isEmpty)
+        #expect(backend.pendingFrames(queue: 0) == 5)
+        driver.postReceiveBuffers(count: 100)
+        #expect(driver.receive(count: 5).count == 5)
+        #expect(device.queuePairCounters[0].receive.kicks.current >= 1)
+    }
+
+    @Test("Control commands are answered by the worker")
+    func controlThroughTheWorker() throws {
+        let (device, driver, _) = try makeLoopbackDevice(queuePairs: 2, threaded: true)
+        defer { device.reset() }
+        #expect(driver.control(class: 4, command: 0, data: [2, 0]) == 0)
+        #expect(device.activeQueuePairs == 2)
+    }
+
+    @Test("Reset stops the workers and reports queue positions; the device can be activated again")
+    func resetStopsWorkers() throws {
+        let (device, driver, _) = try makeLoopbackDevice(threaded: true)
+        driver.postReceiveBuffers(count: 100)
+        #expect(driver.transmit(ethernetFrame(length: 60)))
+        #expect(driver.receive(count: 1).count == 1)
+        let states = device.reset()
+        #expect(!device.isActive)
+        #expect(states.first { $0.index == 1 }?.nextAvailableIndex == 1)
+        #expect(states.first { $0.index == 0 }?.nextAvailableIndex == 1)
+    }
+
+    @Test("A broken ring marks the device as needing a reset; the other queues keep working")
+    func brokenRingInWorkerMode() throws {
+        let (device, driver, _) = try makeLoopbackDevice(queuePairs: 2, threaded: true)
+        defer { device.reset() }
+        driver.transmitQueues[1].setAvailableIndex(999)
+        try driver.kicks[3]?.signal()
+        #expect(driver.waitUntil { device.needsReset })
+        driver.postReceiveBuffers(count: 50)
+        #expect(driver.transmit(ethernetFrame(length: 80)))
+        #expect(driver.receive(count: 1).count == 1)
+    }
+}
