@@ -30,7 +30,13 @@ let package = Package(
             dependencies: ["VirtioNet", "VirtioNetTestSupport", "GuestMemory", .product(name: "Logging", package: "swift-log")],
             path: "Examples/LibraryExample"
         ),
-        .testTarget(name: "TapTests", dependencies: ["Tap", "Sys"]),
+        // Test-only helpers for network namespaces, sockets and packets; never linked into products.
+        .target(name: "NetworkTestSupport", dependencies: ["Sys", "CVirtioShim"]),
+        .testTarget(name: "TapTests", dependencies: ["Tap", "Sys", "NetworkTestSupport"]),
+        .testTarget(
+            name: "PacketPathTests",
+            dependencies: ["VirtioNet", "VirtioNetTestSupport", "NetworkTestSupport", "Tap", "Sys", "GuestMemory"]
+        ),
         .testTarget(
             name: "VirtioNetTests",
             dependencies: ["VirtioNet", "VirtioNetTestSupport", "Virtqueue", "GuestMemory", "Sys"]
