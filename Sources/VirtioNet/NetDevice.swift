@@ -92,8 +92,9 @@ public final class NetDevice: Sendable {
         var needsReset = false
         var linkUp = true
         var active: ActiveQueues?
+        var mtu: Int
     }
-    private let state = Mutex(State())
+    private let state: Mutex<State>
 
     public init(configuration: NetConfiguration, backend: any PacketBackend, logger: Logger = Logger(label: "virtio-net")) throws(NetDeviceError) {
         try configuration.validate()
@@ -101,6 +102,7 @@ public final class NetDevice: Sendable {
             throw .invalidConfiguration("\(configuration.queuePairs) queue pairs configured, the backend has \(backend.queuePairs)")
         }
         self.configuration = configuration
+        self.state = Mutex(State(mtu: configuration.mtu))
         self.backend = backend
         self.logger = logger
         self.filterCell = FilterCell(mac: configuration.mac)
@@ -133,12 +135,23 @@ public final class NetDevice: Sendable {
 
     /// The device-specific configuration space the driver reads.
     public var configSpace: NetConfigSpace {
-        let (mac, linkUp) = (filterCell.current.mac, state.withLock { $0.linkUp })
+        let (mac, (linkUp, mtu)) = (filterCell.current.mac, state.withLock { ($0.linkUp, $0.mtu) })
         return NetConfigSpace(
             mac: mac, status: linkUp ? NetConfigSpace.statusLinkUp : 0,
             maxVirtqueuePairs: UInt16(truncatingIfNeeded: configuration.queuePairs),
-            mtu: UInt16(truncatingIfNeeded: configuration.mtu)
+            mtu: UInt16(truncatingIfNeeded: mtu)
         )
+    }
+
+    /// The MTU the driver is told, and the limit for non-GSO frames on transmit. Starts as the
+    /// configured one; a vhost-user frontend may set another (NET_SET_MTU) before activation.
+    public var mtu: Int { state.withLock { $0.mtu } }
+
+    public func setMTU(_ mtu: Int) throws(NetDeviceError) {
+        guard (NetConfiguration.minimumMTU...NetConfiguration.maximumMTU).contains(mtu) else {
+            throw .invalidConfiguration("mtu \(mtu) is outside \(NetConfiguration.minimumMTU)...\(NetConfiguration.maximumMTU)")
+        }
+        state.withLock { $0.mtu = mtu }
     }
 
     /// The driver's FEATURES_OK: refused unless the features were offered and are self-consistent.
@@ -180,6 +193,7 @@ public final class NetDevice: Sendable {
             eventIndex: features.contains(.eventIndex), indirectDescriptors: features.contains(.indirectDescriptors)
         )
         let active = ActiveQueues(memory: memory, pairs: pairs, controlIndex: controlIndex)
+        let mtu = self.mtu
         var seen = Set<Int>()
         for queue in queues {
             guard queue.index >= 0, queue.index < 2 * pairs || queue.index == controlIndex else {
@@ -203,14 +217,14 @@ public final class NetDevice: Sendable {
                 let pair = queue.index / 2
                 active.receive[pair] = ReceiveQueue(
                     index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].receive, features: features, mtu: configuration.mtu,
+                    counters: queuePairCounters[pair].receive, features: features, mtu: mtu,
                     filter: filterCell, logger: queueLogger
                 )
             } else {
                 let pair = queue.index / 2
                 active.transmit[pair] = TransmitQueue(
                     index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].transmit, features: features, mtu: configuration.mtu,
+                    counters: queuePairCounters[pair].transmit, features: features, mtu: mtu,
                     logger: queueLogger
                 )
             }
