@@ -41,6 +41,8 @@ public final class VhostUserBackend {
     private var memory: GuestMemory?
     private var acknowledgedFeatures: UInt64?
     private var protocolFeatures: VhostUserProtocolFeatures = []
+    /// SET_PROTOCOL_FEATURES came, or SET_FEATURES carried bit 30: rings start disabled.
+    private var protocolFeaturesNegotiated = false
     private var status: UInt8 = 0
     /// Rings running now, and whether something they depend on changed since they started.
     private var running: Set<Int> = []
@@ -109,7 +111,8 @@ public final class VhostUserBackend {
             if features != acknowledgedFeatures {
                 let first = acknowledgedFeatures == nil
                 acknowledgedFeatures = features
-                if first && features & vhostUserProtocolFeaturesBit == 0 {
+                if features & vhostUserProtocolFeaturesBit != 0 { protocolFeaturesNegotiated = true }
+                if first && !protocolFeaturesNegotiated {
                     // Without protocol features, rings are enabled from the start.
                     for index in rings.indices { rings[index].enabled = true }
                 }
@@ -129,6 +132,7 @@ public final class VhostUserBackend {
                 throw VhostUserError("SET_PROTOCOL_FEATURES with unsupported bits 0x\(String(requested.subtracting(.supported).rawValue, radix: 16))")
             }
             protocolFeatures = requested
+            protocolFeaturesNegotiated = true
             return nil
 
         case .setOwner:
@@ -257,7 +261,8 @@ public final class VhostUserBackend {
             let index = try ringIndex(reader.u32()!)
             let enable = reader.u32()!
             guard enable <= 1 else { throw VhostUserError("SET_VRING_ENABLE \(enable) for ring \(index)") }
-            guard let features = acknowledgedFeatures, features & vhostUserProtocolFeaturesBit != 0 else {
+            // QEMU sends this right after SET_PROTOCOL_FEATURES, before SET_FEATURES.
+            guard protocolFeaturesNegotiated else {
                 throw VhostUserError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
             }
             rings[index].enabled = enable == 1
@@ -333,6 +338,7 @@ public final class VhostUserBackend {
         memory = nil
         acknowledgedFeatures = nil
         protocolFeatures = []
+        protocolFeaturesNegotiated = false
         status = 0
     }
 
