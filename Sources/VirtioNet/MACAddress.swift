@@ -26,11 +26,18 @@ public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
 
     public var array: [UInt8] { [bytes.0, bytes.1, bytes.2, bytes.3, bytes.4, bytes.5] }
     public var isMulticast: Bool { bytes.0 & 1 != 0 }
-    public var isBroadcast: Bool { array.allSatisfy { $0 == 0xff } }
+    public var isBroadcast: Bool { self == .broadcast }
     public static let broadcast = MACAddress(0xff, 0xff, 0xff, 0xff, 0xff, 0xff)
 
-    public static func == (lhs: MACAddress, rhs: MACAddress) -> Bool { lhs.array == rhs.array }
-    public func hash(into hasher: inout Hasher) { hasher.combine(array) }
+    // Element by element: this runs per received frame and must not allocate.
+    public static func == (lhs: MACAddress, rhs: MACAddress) -> Bool {
+        lhs.bytes.0 == rhs.bytes.0 && lhs.bytes.1 == rhs.bytes.1 && lhs.bytes.2 == rhs.bytes.2
+            && lhs.bytes.3 == rhs.bytes.3 && lhs.bytes.4 == rhs.bytes.4 && lhs.bytes.5 == rhs.bytes.5
+    }
+    public func hash(into hasher: inout Hasher) {
+        hasher.combine(bytes.0); hasher.combine(bytes.1); hasher.combine(bytes.2)
+        hasher.combine(bytes.3); hasher.combine(bytes.4); hasher.combine(bytes.5)
+    }
 
     public var description: String { array.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined(separator: ":") }
 }
