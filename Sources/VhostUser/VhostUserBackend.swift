@@ -61,6 +61,12 @@ public final class VhostUserBackend {
         return device.offeredFeatures.subtracting(frontendOwned).rawValue | vhostUserProtocolFeaturesBit
     }
 
+    /// The features the device itself negotiates. MQ is the frontend's business (it owns the control
+    /// queue and enables ring pairs with SET_VRING_ENABLE), so it is offered but not passed on.
+    static func deviceFeatures(_ features: UInt64) -> VirtioNetFeatures {
+        VirtioNetFeatures(rawValue: features & ~vhostUserProtocolFeaturesBit).subtracting(.mq)
+    }
+
     /// Whether the frontend asked for REPLY_ACK on this message and negotiated it.
     func wantsAck(_ header: VhostUserHeader) -> Bool {
         header.needsReply && protocolFeatures.contains(.replyAck)
@@ -101,7 +107,7 @@ public final class VhostUserBackend {
         case .setFeatures:
             try expectFDs(0)
             let features = try u64()
-            let virtio = VirtioNetFeatures(rawValue: features & ~vhostUserProtocolFeaturesBit)
+            let virtio = Self.deviceFeatures(features)
             let notOffered = features & ~offeredFeatures
             guard notOffered == 0 else {
                 throw VhostUserError("SET_FEATURES acknowledges features that were not offered: 0x\(String(notOffered, radix: 16))")
@@ -402,7 +408,7 @@ public final class VhostUserBackend {
             running = []
         }
         guard !ready.isEmpty, let memory, let features = acknowledgedFeatures else { return }
-        let virtio = VirtioNetFeatures(rawValue: features & ~vhostUserProtocolFeaturesBit)
+        let virtio = Self.deviceFeatures(features)
         let queues = ready.sorted().map { index in
             QueueConfiguration(index: index, size: rings[index].size!, rings: rings[index].addresses!,
                                nextAvailableIndex: rings[index].nextAvailableIndex,
