@@ -177,6 +177,10 @@ public final class VhostUserBackend {
             try expectFDs(1)
             _ = reader.u64()
             let description = Self.readRegion(&reader)
+            // QEMU 7.2 sends each region once per queue pair; the same region again changes nothing.
+            if regions.contains(where: { Self.sameRegion($0.description, description) && $0.description.mmapOffset == description.mmapOffset }) {
+                return nil
+            }
             guard regions.count < Self.maximumMemorySlots else { throw VhostUserError("ADD_MEM_REG beyond \(Self.maximumMemorySlots) slots") }
             try replaceMemory(with: regions + [try Self.map(description, fd: fds[0])])
             return nil
@@ -186,11 +190,10 @@ public final class VhostUserBackend {
             guard fds.count <= 1 else { throw VhostUserError("REM_MEM_REG carries \(fds.count) descriptors") }
             _ = reader.u64()
             let description = Self.readRegion(&reader)
-            guard let index = regions.firstIndex(where: {
-                $0.description.guestAddress == description.guestAddress && $0.description.size == description.size
-                    && $0.description.userAddress == description.userAddress
-            }) else {
-                throw VhostUserError("REM_MEM_REG for a region that is not mapped (\(description.guestAddress), \(description.size) bytes)")
+            guard let index = regions.firstIndex(where: { Self.sameRegion($0.description, description) }) else {
+                // Also sent once per queue pair by QEMU 7.2: the region is already gone.
+                logger.debug("REM_MEM_REG for a region that is not mapped", metadata: ["guest_address": "\(description.guestAddress)"])
+                return nil
             }
             var remaining = regions
             remaining.remove(at: index)
@@ -353,6 +356,10 @@ public final class VhostUserBackend {
     private static func readRegion(_ reader: inout PayloadReader) -> MemoryRegionDescription {
         let guest = reader.u64()!, size = reader.u64()!, user = reader.u64()!, offset = reader.u64()!
         return MemoryRegionDescription(guestAddress: GuestAddress(guest), size: size, userAddress: user, mmapOffset: offset)
+    }
+
+    private static func sameRegion(_ a: MemoryRegionDescription, _ b: MemoryRegionDescription) -> Bool {
+        a.guestAddress == b.guestAddress && a.size == b.size && a.userAddress == b.userAddress
     }
 
     private static func map(_ description: MemoryRegionDescription, fd: ReceivedFD) throws(VhostUserError) -> Region {
