@@ -13,7 +13,7 @@
 #   vnet.iperf_wait=600        seconds iperf-server-wait waits at most
 #   vnet.ping_deadline=60      seconds the ping steps wait for a first answer
 #   vnet.ping_big_size=8972    payload of ping-big
-# Steps: ping ping-big iperf-server iperf-server-bg iperf-server-wait iperf-client iperf-client-reverse
+# Steps: ping ping-big ping-each-cpu iperf-server iperf-server-bg iperf-server-wait iperf-client iperf-client-reverse
 #        iperf-client-parallel stats mtu wait sleep-loop-ping shell
 # Markers (one per line): VNET-BOOTED, VNET-NET-UP ip=.. mtu=.. queues=N, VNET-STEP-BEGIN name,
 # VNET-STEP-OK name, VNET-STEP-FAIL name reason, VNET-IPERF name bits_per_second=.., VNET-PING ..,
@@ -22,6 +22,8 @@
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TMPDIR=/tmp
+# busybox ash prefers its own applets to PATH: name iproute2's ip by its path
+IP=/usr/bin/ip
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -31,7 +33,7 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 exec </dev/console >/dev/console 2>&1
 
-uptime_s() { read -r up _ </proc/uptime; echo "$up"; }
+uptime_s() { local up; read -r up _ </proc/uptime; echo "$up"; }
 say() { echo "$*"; }
 
 say "VNET-BOOTED kernel=$(uname -r) t=$(uptime_s)"
@@ -42,7 +44,7 @@ cfg_peer=198.18.0.1
 cfg_ip6=
 cfg_peer6=
 cfg_mtu=
-cfg_run=wait
+cfg_run='wait'
 cfg_iperf_time=10
 cfg_iperf_tests=2
 cfg_iperf_wait=600
@@ -64,6 +66,7 @@ done
 
 # ---- helpers ---------------------------------------------------------------------------------------
 now_cs() { # uptime in centiseconds
+  local up
   read -r up _ </proc/uptime
   echo "${up%.*}${up#*.}" | sed 's/^0*//;s/^$/0/'
 }
@@ -75,6 +78,7 @@ snmp_ip() { # snmp_ip FIELD: a counter from the Ip: lines of /proc/net/snmp
 }
 
 listening_on() { # listening_on PORT: is a TCP socket listening on PORT (v4 or v6)?
+  local hex
   hex=$(printf '%04X' "$1")
   awk -v port=":$hex" '$4 == "0A" && substr($2, length($2) - 4) == port { found = 1 } END { exit !found }' \
     /proc/net/tcp /proc/net/tcp6 2>/dev/null
@@ -85,6 +89,7 @@ fail() { FAIL_REASON="$*"; return 1; }
 
 # ping_until_answer HOST DEADLINE_S [ping args]: one ping a second until one is answered
 ping_until_answer() {
+  local host deadline start attempts waited
   host=$1 deadline=$2
   shift 2
   start=$(now_cs)
@@ -92,7 +97,7 @@ ping_until_answer() {
   while :; do
     attempts=$((attempts + 1))
     if ping -c 1 -W 1 "$@" "$host" >/dev/null 2>&1; then
-      waited=$(( ($(now_cs) - start) ))
+      waited=$(( $(now_cs) - start ))
       say "VNET-PING-FIRST host=$host attempts=$attempts after_cs=$waited"
       return 0
     fi
@@ -105,6 +110,7 @@ ping_until_answer() {
 
 # ping_count HOST COUNT [ping args]: prints transmitted/received, succeeds when all came back
 ping_count() {
+  local host count out line tx rx rtt
   host=$1 count=$2
   shift 2
   out=$(ping -c "$count" -i 0.2 -W 2 "$@" "$host" 2>&1)
@@ -117,6 +123,7 @@ ping_count() {
 }
 
 iperf_report() { # iperf_report NAME JSONFILE: prints the VNET-IPERF marker, fails on an iperf3 error
+  local summary status bps
   summary=$(awk -f /etc/vnet/iperf-summary.awk "$2")
   status=$?
   if [ $status -ne 0 ]; then
@@ -125,6 +132,15 @@ iperf_report() { # iperf_report NAME JSONFILE: prints the VNET-IPERF marker, fai
   fi
   bps=$(echo "$summary" | sed -n 's/^bits_per_second=\([0-9]*\).*/\1/p')
   say "VNET-IPERF $1 $summary mbit_per_second=$((bps / 1000000))"
+}
+
+check_config() {
+  local key value
+  for key in iperf_time iperf_tests iperf_wait ping_deadline ping_big_size; do
+    eval "value=\$cfg_$key"
+    is_number "$value" || { fail "vnet.$key=$value-is-not-a-number"; return 1; }
+  done
+  [ -z "$cfg_mtu" ] || is_number "$cfg_mtu" || { fail "vnet.mtu=$cfg_mtu-is-not-a-number"; return 1; }
 }
 
 # ---- steps -----------------------------------------------------------------------------------------
@@ -137,9 +153,23 @@ step_ping() {
   fi
 }
 
+# One ping burst pinned to each online CPU: virtio_net maps each CPU to its own TX queue (XPS), so
+# with as many queue pairs as CPUs every TX queue carries traffic.
+step_ping_each_cpu() {
+  local cpu cpus
+  cpus=$(grep -c '^processor' /proc/cpuinfo)
+  cpu=0
+  while [ "$cpu" -lt "$cpus" ]; do
+    taskset -c "$cpu" ping -c 10 -i 0.1 -W 2 "$cfg_peer" >/dev/null 2>&1 || { fail "lost-pings-from-cpu-$cpu"; return 1; }
+    say "VNET-PING-CPU cpu=$cpu ok"
+    cpu=$((cpu + 1))
+  done
+}
+
 # busybox ping has no "-M do": the fragmentation counters prove instead that the big echo requests
 # and replies crossed the link whole (no fragments made here, none reassembled here).
 step_ping_big() {
+  local frag0 reasm0 ok frag reasm
   ping_until_answer "$cfg_peer" "$cfg_ping_deadline" || { fail "no-answer-from-$cfg_peer"; return 1; }
   frag0=$(snmp_ip FragCreates) reasm0=$(snmp_ip ReasmReqds)
   ping_count "$cfg_peer" 3 -s "$cfg_ping_big_size"
@@ -147,10 +177,14 @@ step_ping_big() {
   frag=$(( $(snmp_ip FragCreates) - frag0 )) reasm=$(( $(snmp_ip ReasmReqds) - reasm0 ))
   say "VNET-PING-BIG size=$cfg_ping_big_size fragments_created=$frag reassemblies=$reasm"
   [ $ok -eq 0 ] || { fail "lost-big-pings"; return 1; }
-  [ $frag -eq 0 ] && [ $reasm -eq 0 ] || { fail "fragmented(mtu-too-small-on-a-path)"; return 1; }
+  if [ $frag -ne 0 ] || [ $reasm -ne 0 ]; then
+    fail "fragmented(mtu-too-small-on-a-path)"
+    return 1
+  fi
 }
 
 wait_listening() { # wait_listening PID: until iperf3 listens on 5201 (10 s), or the process died
+  local i
   i=0
   while ! listening_on 5201; do
     kill -0 "$1" 2>/dev/null || return 1
@@ -161,6 +195,7 @@ wait_listening() { # wait_listening PID: until iperf3 listens on 5201 (10 s), or
 }
 
 step_iperf_server() { # one test, in the foreground
+  local json pid
   json=/tmp/iperf-server.json
   iperf3 -s -1 -J >"$json" 2>&1 &
   pid=$!
@@ -179,6 +214,7 @@ step_iperf_server_bg() { # a persistent server in the background, text output in
 }
 
 step_iperf_server_wait() { # until the background server has served vnet.iperf_tests tests
+  local start done_tests
   [ -n "${IPERF_BG_PID:-}" ] || { fail "no-iperf-server-bg-step-before"; return 1; }
   start=$(now_cs)
   while :; do
@@ -197,6 +233,7 @@ step_iperf_server_wait() { # until the background server has served vnet.iperf_t
 }
 
 iperf_client() { # iperf_client NAME [iperf3 args]
+  local name json start
   name=$1
   shift
   json=/tmp/$name.json
@@ -216,6 +253,7 @@ step_iperf_client_reverse() { iperf_client iperf-client-reverse -R; }
 step_iperf_client_parallel() { iperf_client iperf-client-parallel -P 4; }
 
 step_stats() {
+  local dev name counter queue q
   say "== /proc/interrupts (virtio)"
   grep -i virtio /proc/interrupts
   for dev in /sys/class/net/eth*; do
@@ -239,7 +277,8 @@ step_stats() {
     fi
   done
   say "== ip -s link"
-  ip -s link
+  $IP -s link
+  return 0
 }
 
 step_mtu() { say "VNET-MTU dev=eth0 mtu=$(cat /sys/class/net/eth0/mtu)"; }
@@ -250,6 +289,7 @@ step_wait() {
 }
 
 step_sleep_loop_ping() { # forever: one ping a second, each result on its own line
+  local seq out rtt
   seq=0
   while :; do
     seq=$((seq + 1))
@@ -264,7 +304,9 @@ step_sleep_loop_ping() { # forever: one ping a second, each result on its own li
 }
 
 step_shell() { # an interactive shell on the console (boot --interactive); exit it to go on
-  setsid cttyhack sh
+  printf '%s\n' "alias ip=$IP" "PS1='vnet-guest# '" >/tmp/shrc
+  ENV=/tmp/shrc setsid cttyhack sh
+  return 0
 }
 
 # ---- modules and network -------------------------------------------------------------------------
@@ -276,12 +318,13 @@ finish() { # finish ok|fail
 }
 
 bring_up_network() {
+  local i queues mac dev module
   [ -n "$cfg_ip6" ] || echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6 # no IPv6 chatter
   while read -r module; do
     [ -n "$module" ] || continue
     insmod "/lib/modules/vnet/$module.ko" || { fail "insmod-$module"; return 1; }
   done </etc/vnet/modules
-  ip link set lo up
+  $IP link set lo up
   i=0
   while [ ! -e /sys/class/net/eth0 ]; do
     i=$((i + 1))
@@ -289,16 +332,16 @@ bring_up_network() {
     sleep 0.1
   done
   if [ -n "$cfg_mtu" ]; then
-    ip link set eth0 mtu "$cfg_mtu" || { fail "cannot-set-mtu-$cfg_mtu"; return 1; }
+    $IP link set eth0 mtu "$cfg_mtu" || { fail "cannot-set-mtu-$cfg_mtu"; return 1; }
   fi
   if [ -n "$cfg_ip6" ]; then
     echo 0 >/proc/sys/net/ipv6/conf/eth0/disable_ipv6
     echo 0 >/proc/sys/net/ipv6/conf/eth0/accept_dad
-    ip -6 addr add "$cfg_ip6" dev eth0 nodad || { fail "cannot-add-$cfg_ip6"; return 1; }
+    $IP -6 addr add "$cfg_ip6" dev eth0 nodad || { fail "cannot-add-$cfg_ip6"; return 1; }
   fi
-  ip addr add "$cfg_ip" dev eth0 || { fail "cannot-add-$cfg_ip"; return 1; }
+  $IP addr add "$cfg_ip" dev eth0 || { fail "cannot-add-$cfg_ip"; return 1; }
   for dev in /sys/class/net/eth*; do
-    ip link set "${dev##*/}" up || { fail "cannot-bring-up-${dev##*/}"; return 1; }
+    $IP link set "${dev##*/}" up || { fail "cannot-bring-up-${dev##*/}"; return 1; }
   done
   i=0
   while [ "$(cat /sys/class/net/eth0/operstate)" != up ] && [ $i -lt 100 ]; do
@@ -310,6 +353,10 @@ bring_up_network() {
   say "VNET-NET-UP ip=$cfg_ip${cfg_ip6:+ ip6=$cfg_ip6} mtu=$(cat /sys/class/net/eth0/mtu) queues=$queues mac=$mac link=$(cat /sys/class/net/eth0/operstate) t=$(uptime_s)"
 }
 
+if ! check_config; then
+  say "VNET-STEP-FAIL config $FAIL_REASON"
+  finish fail
+fi
 if ! bring_up_network; then
   say "VNET-STEP-FAIL net-up $FAIL_REASON"
   finish fail
