@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import Testing
+import NetworkTestSupport
 import Tap
 
 /// Interface names are checked before any system call, so these run without privileges.
@@ -145,7 +146,8 @@ struct TapNamespaceTests {
                     try TapDevice.open(name: "stap0", queuePairs: 2)
                 }
                 do {
-                    let tap = try TapDevice.open(name: "stap0")
+                    // The refused open above attached a descriptor and closed it.
+                    let tap = try TestNet.openRetryingWhileBusy(name: "stap0")
                     #expect(!tap.createdByUs)
                     #expect(!tap.isMultiQueue)
                     let error = #expect(throws: TapError.self) { try TapDevice.open(name: "stap0") }
@@ -157,7 +159,7 @@ struct TapNamespaceTests {
                     // delete() attaches too, so it is refused while `tap` holds the only queue.
                     #expect(throws: TapError.self) { try TapDevice.delete(name: "stap0") }
                 }
-                #expect(try TapDevice.delete(name: "stap0"))
+                #expect(try TestNet.deleteRetryingWhileBusy(name: "stap0"))
             }
             #expect(waitUntilGone(namespace, "stap0"))
         }
@@ -459,7 +461,7 @@ struct TapNamespaceTests {
             try await namespace.run {
                 try TestSocket.udp().send([UInt8](repeating: 7, count: 1000), to: TestNet.peerIP, port: 7000)
             }
-            #expect(try TestNet.waitReadable([tap.fd(queue: 0)], timeout: .seconds(10)) == [true])
+            #expect(try Poll.waitReadable([tap.fd(queue: 0)], timeout: .seconds(10)) == [true])
             var small = [UInt8](repeating: 0, count: 100)
             let count = try small.withUnsafeMutableBytes { raw in
                 var vector = iovec(iov_base: raw.baseAddress, iov_len: raw.count)
