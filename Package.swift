@@ -7,6 +7,8 @@ let package = Package(
         .library(name: "VirtioNet", targets: ["VirtioNet"]),
         .library(name: "VhostUser", targets: ["VhostUser"]),
         .executable(name: "virtio-netd", targets: ["virtio-netd"]),
+        // For tests and the benchmarks package only; not a dependency of the library or the daemon.
+        .library(name: "VirtioNetTestSupport", targets: ["VirtioNetTestSupport"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
@@ -68,7 +70,10 @@ let package = Package(
         ),
         .testTarget(
             name: "DaemonTests",
-            dependencies: ["VirtioNetDaemon", "VhostUser", "VirtioNet", "VirtioNetTestSupport", "GuestMemory", "Sys", "Virtqueue"]
+            dependencies: [
+                "VirtioNetDaemon", "VhostUser", "VirtioNet", "VirtioNetTestSupport", "GuestMemory", "Sys", "Virtqueue",
+                "CVirtioShim", .product(name: "Logging", package: "swift-log"),
+            ]
         ),
         .testTarget(
             name: "VirtioNetTests",

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Sys
 
 /// Where one region of guest memory comes from: a file descriptor shared by the VMM, mapped whole.
@@ -37,6 +40,13 @@ public struct GuestMemoryRegion: @unchecked Sendable {
         guard let mapLength = description.mmapOffset.addingReportingOverflow(description.size) as (UInt64, Bool)?,
               !mapLength.1, let length = Int(exactly: mapLength.0)
         else { throw .invalidRegion("mmap offset + size overflows") }
+        // Mapping past the end of the file would succeed and then fault (SIGBUS) on first access.
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw .system("fstat of the region's file failed (errno \(errno))") }
+        let isRegularFile = info.st_mode & S_IFMT == S_IFREG
+        guard !isRegularFile || UInt64(max(0, info.st_size)) >= mapLength.0 else {
+            throw .invalidRegion("offset \(description.mmapOffset) + size \(description.size) is past the end of its \(info.st_size)-byte file")
+        }
         let mapping: MemoryMapping
         do {
             mapping = try MemoryMapping(fd: fd, offset: 0, length: length)

@@ -19,6 +19,20 @@ public final class EventFD: Sendable {
         descriptor = fd
     }
 
+    /// Adopts a descriptor from an untrusted peer: it must be an eventfd, and it is made non-blocking
+    /// so that a counter the peer filled up can never block a worker in write(2) or read(2).
+    public init(adoptingUntrusted fd: consuming OwnedFileDescriptor) throws(SystemError) {
+        var target = [UInt8](repeating: 0, count: 64)
+        let length = target.withUnsafeMutableBufferPointer { buffer in
+            buffer.withMemoryRebound(to: CChar.self) { readlink("/proc/self/fd/\(fd.rawValue)", $0.baseAddress!, $0.count) }
+        }
+        guard length > 0, String(decoding: target[0..<length], as: UTF8.self) == "anon_inode:[eventfd]" else {
+            throw SystemError(call: "adopt eventfd: the descriptor is not an eventfd", code: EINVAL)
+        }
+        try fd.setNonBlocking(true)
+        descriptor = fd
+    }
+
     /// Adds one to the counter, waking a waiter. A full counter already wakes it, so EAGAIN is fine.
     public func signal() throws(SystemError) {
         var one: UInt64 = 1

@@ -147,7 +147,8 @@ public final class VhostUserBackend {
 
         case .resetOwner, .resetDevice:
             try expectFDs(0)
-            reset()
+            // Protocol features are negotiated once per connection (QEMU does not send them again).
+            resetDevice()
             return nil
 
         case .getQueueNum:
@@ -251,7 +252,11 @@ public final class VhostUserBackend {
             let noFD = value & 0x100 != 0
             try expectFDs(noFD ? 0 : 1)
             var event: EventFD? = nil
-            if !noFD, let owned = fds[0].take() { event = EventFD(adopting: owned) }
+            if !noFD, let owned = fds[0].take() {
+                do { event = try EventFD(adoptingUntrusted: owned) } catch {
+                    throw VhostUserError("\(request) for ring \(index): \(error)")
+                }
+            }
             if request == .setVringKick && event == nil {
                 throw VhostUserError("SET_VRING_KICK without a descriptor: polling rings are not supported")
             }
@@ -337,8 +342,16 @@ public final class VhostUserBackend {
 
     private func u64ToBytes(_ value: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: value >> UInt64(8 * $0)) } }
 
-    /// Stops everything and forgets the frontend's state (disconnect, RESET_OWNER, RESET_DEVICE).
+    /// Stops everything and forgets the frontend's state (the connection ended).
     public func reset() {
+        resetDevice()
+        protocolFeatures = []
+        protocolFeaturesNegotiated = false
+    }
+
+    /// Back to the state after connecting, protocol features kept (RESET_OWNER, RESET_DEVICE). What a
+    /// frontend changed on the device (NET_SET_MTU) returns to the configuration.
+    func resetDevice() {
         device.reset()
         running = []
         restartNeeded = false
@@ -346,9 +359,12 @@ public final class VhostUserBackend {
         regions = []
         memory = nil
         acknowledgedFeatures = nil
-        protocolFeatures = []
-        protocolFeaturesNegotiated = false
         status = 0
+        let configured = device.configuration.mtu
+        if device.mtu != configured {
+            try? device.setMTU(configured)
+            if let tap = (device.backend as? TapBackend)?.tap { try? tap.setMTU(configured) }
+        }
     }
 
     // MARK: Memory

@@ -53,16 +53,18 @@ public enum VhostUserConnection {
             logger.trace("vhost-user request", metadata: ["request": "\(request.map { "\($0)" } ?? "\(header.request)")", "size": "\(header.size)", "fds": "\(received.fds.count)"])
             var replyPayload: [UInt8]? = nil
             var failed = false
+            // Decided before handling: a reset request must still be acknowledged as asked.
+            let wantsAck = backend.wantsAck(header)
             do {
                 replyPayload = try backend.handle(header, payload: payload, fds: received.fds)
             } catch {
-                if error.fatal || request?.hasReply == true || !backend.wantsAck(header) {
+                if error.fatal || request?.hasReply == true || !wantsAck {
                     return refuse(header, error.message, logger)
                 }
                 logger.error("vhost-user request refused", metadata: ["request": "\(request.map { "\($0)" } ?? "\(header.request)")", "error": "\(error.message)"])
                 failed = true
             }
-            if replyPayload == nil && backend.wantsAck(header) {
+            if replyPayload == nil && wantsAck {
                 var writer = PayloadWriter()
                 writer.u64(failed ? 1 : 0)
                 replyPayload = writer.bytes

@@ -166,7 +166,8 @@ public struct DaemonConfiguration: Equatable, Sendable {
     static func parseEndpoint(_ text: String) -> (String, UInt16)? {
         guard let colon = text.lastIndex(of: ":") else { return nil }
         var host = String(text[..<colon])
-        guard let port = UInt16(text[text.index(after: colon)...]), port > 0 else { return nil }
+        let portText = text[text.index(after: colon)...]
+        guard portText.allSatisfy(\.isASCII), portText.allSatisfy(\.isNumber), let port = UInt16(portText), port > 0 else { return nil }
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         if host == "localhost" || host == "::1" { return (host, port) }
         let parts = host.split(separator: ".", omittingEmptySubsequences: false)
@@ -205,7 +206,8 @@ struct KeyLines {
         var table = ""
         var index: Int? = nil
         var counts: [String: Int] = [:]
-        for (number, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        // isNewline also takes "\r\n", which Swift treats as one Character.
+        for (number, raw) in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).enumerated() {
             let line = raw.trimmingCharacters(in: .whitespaces)
             if line.hasPrefix("[[") {
                 table = line.dropFirst(2).prefix { $0 != "]" }.trimmingCharacters(in: .whitespaces)
