@@ -14,6 +14,8 @@ public final class SimulatedQueue: @unchecked Sendable {
 
     public private(set) var availableIndex: UInt16 = 0
     public private(set) var lastSeenUsed: UInt16 = 0
+    /// Used entries already recycled by `recycleUsed()` (which bypasses `takeUsed()`).
+    var lastSeenUsedForRecycling: UInt16 = 0
     private var free: [UInt16]
     /// Descriptors owned by each outstanding head (to free them when used).
     private var owned: [UInt16: [UInt16]] = [:]

@@ -1,0 +1,81 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import GuestMemory
+import Synchronization
+import Sys
+import VirtioNet
+
+/// A backend that costs as little as possible, to measure the device alone: transmitted frames are
+/// counted and forgotten; receive hands out copies of one template frame (or nothing). It never
+/// allocates per frame.
+public final class SinkBackend: PacketBackend, @unchecked Sendable {
+    public let queuePairs: Int
+    public let receiveOffloads: OffloadSet = .all
+    public let transmitOffloads: OffloadSet = .all
+    /// Frames and bytes transmitted (only the owning worker writes them).
+    public private(set) var transmittedFrames = 0
+    public private(set) var transmittedBytes = 0
+    /// What `receive` returns: header + frame; empty means "nothing to receive".
+    private let template: UnsafeMutableRawBufferPointer
+    /// How many more frames `receive` hands out before it reports "empty".
+    public var receiveQuota: Int
+    private let readiness: [EventFD]
+
+    public init(queuePairs: Int = 1, receiveFrame: [UInt8] = [], receiveQuota: Int = 0) throws(SystemError) {
+        self.queuePairs = queuePairs
+        template = .allocate(byteCount: max(receiveFrame.count, 1), alignment: 16)
+        template.copyBytes(from: receiveFrame)
+        self.templateLength = receiveFrame.count
+        self.receiveQuota = receiveQuota
+        var events: [EventFD] = []
+        for _ in 0..<queuePairs {
+            let event = try EventFD()
+            try event.signal()  // always readable: receive decides whether there is a frame
+            events.append(event)
+        }
+        readiness = events
+    }
+    private let templateLength: Int
+
+    deinit { template.deallocate() }
+
+    public func setReceiveOffloads(_ offloads: OffloadSet) throws(BackendError) {}
+    public func setActiveQueuePairs(_ count: Int) throws(BackendError) {}
+
+    public func transmit(queue: Int, frame: UnsafeBufferPointer<iovec>) -> TransmitOutcome {
+        transmittedFrames += 1
+        transmittedBytes += IOVec.totalLength(frame)
+        return .sent
+    }
+
+    public func receive(queue: Int, into buffers: UnsafeBufferPointer<iovec>) -> ReceiveOutcome {
+        guard receiveQuota > 0, templateLength > 0 else { return .empty }
+        receiveQuota -= 1
+        let copied = IOVec.copyIn(UnsafeRawBufferPointer(rebasing: template[0..<templateLength]), to: buffers, at: 0)
+        return .received(bytes: copied)
+    }
+
+    public func descriptor(queue: Int) -> Int32 { readiness[queue].rawValue }
+}
+
+extension SimulatedQueue {
+    /// Makes every chain the device has used available again, as it was (same descriptors): a driver
+    /// that recycles its buffers, without allocating. Returns how many were recycled.
+    @discardableResult
+    public func recycleUsed() -> Int {
+        let published = usedIndex
+        var count = 0
+        var seen = lastSeenUsedForRecycling
+        while seen != published {
+            let element = GuestAddress(usedRing.rawValue + 4 + UInt64(8 * (Int(seen) % size)))
+            let head = UInt16(truncatingIfNeeded: guest.load(UInt32.self, at: element))
+            makeAvailable(head: head, publish: false)
+            seen &+= 1
+            count += 1
+        }
+        lastSeenUsedForRecycling = seen
+        if count > 0 { publishAvailable() }
+        return count
+    }
+}
