@@ -58,7 +58,7 @@ let package = Package(
         .target(name: "VirtioNetTestSupport", dependencies: ["VirtioNet", "Virtqueue", "GuestMemory", "Sys"]),
         .executableTarget(
             name: "LibraryExample",
-            dependencies: ["VirtioNet", "VirtioNetTestSupport", "GuestMemory", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["VirtioNet", "GuestMemory", "Sys", .product(name: "Logging", package: "swift-log")],
             path: "Examples/LibraryExample"
         ),
         // Test-only helpers for network namespaces, sockets and packets; never linked into products.
