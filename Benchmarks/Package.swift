@@ -10,12 +10,24 @@ let package = Package(
         .package(url: "https://github.com/ordo-one/benchmark.git", from: "1.38.1", traits: ["MallocInterposer"]),
     ],
     targets: [
+        .target(
+            name: "DataPathHarness",
+            dependencies: [
+                .product(name: "VirtioNet", package: "swift-virtio-net"),
+                .product(name: "VirtioNetTestSupport", package: "swift-virtio-net"),
+            ],
+            swiftSettings: [.unsafeFlags(["-cross-module-optimization"])]
+        ),
+        .executableTarget(
+            name: "InstructionCount",
+            dependencies: ["DataPathHarness"],
+            swiftSettings: [.unsafeFlags(["-cross-module-optimization"])]
+        ),
         .executableTarget(
             name: "DataPath",
             dependencies: [
                 .product(name: "Benchmark", package: "benchmark"),
-                .product(name: "VirtioNet", package: "swift-virtio-net"),
-                .product(name: "VirtioNetTestSupport", package: "swift-virtio-net"),
+                "DataPathHarness",
             ],
             path: "Benchmarks/DataPath",
             swiftSettings: [.unsafeFlags(["-cross-module-optimization"])],

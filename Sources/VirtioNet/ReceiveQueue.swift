@@ -30,7 +30,9 @@ final class FilterCell: Sendable {
 /// chains a frame did not use stay cached for the next one. Only when the guest has posted too little
 /// for the largest frame does a frame land in a bounce buffer first, to be copied once it fits.
 final class ReceiveQueue: @unchecked Sendable {
-    private(set) var ring: SplitQueue
+    // One worker thread at a time owns an engine, so its state opts out of dynamic exclusivity
+    // checks, which cost about a third of the per-frame instructions (measured with callgrind).
+    @exclusivity(unchecked) private(set) var ring: SplitQueue
     let index: Int
     let backendQueue: Int
     let call: EventFD?
@@ -39,11 +41,11 @@ final class ReceiveQueue: @unchecked Sendable {
     /// Bytes of guest buffers wanted before reading: the largest frame the backend can deliver.
     let targetCapacity: Int
     private let filterCell: FilterCell
-    private var filterGeneration: UInt64 = .max
-    private var filter = ReceiveFilter()
-    private var mac: MACAddress
+    @exclusivity(unchecked) private var filterGeneration: UInt64 = .max
+    @exclusivity(unchecked) private var filter = ReceiveFilter()
+    @exclusivity(unchecked) private var mac: MACAddress
     private let logger: Logger
-    private var faultsLogged = 0
+    @exclusivity(unchecked) private var faultsLogged = 0
 
     /// Popped chains not yet used, oldest first. Their iovecs are contiguous in `iovecs` from `window`.
     private struct CachedChain {
@@ -51,16 +53,16 @@ final class ReceiveQueue: @unchecked Sendable {
         var iovecEnd: Int
         var capacity: Int
     }
-    private var iovecs: IOVecArray
-    private var window = 0
+    @exclusivity(unchecked) private var iovecs: IOVecArray
+    @exclusivity(unchecked) private var window = 0
     private let cache: UnsafeMutablePointer<CachedChain>
     private let cacheCapacity: Int
-    private var cacheFirst = 0
-    private var cacheCount = 0
-    private var cachedBytes = 0
+    @exclusivity(unchecked) private var cacheFirst = 0
+    @exclusivity(unchecked) private var cacheCount = 0
+    @exclusivity(unchecked) private var cachedBytes = 0
 
     private let bounce: UnsafeMutableRawBufferPointer
-    private var bouncedLength = 0
+    @exclusivity(unchecked) private var bouncedLength = 0
 
     init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
          features: VirtioNetFeatures, mtu: Int, filter: FilterCell, logger: Logger) {

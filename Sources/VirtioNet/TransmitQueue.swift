@@ -31,7 +31,9 @@ enum EngineLimits {
 
 /// The guest-to-backend side of one queue pair. Owned by one thread at a time (its worker).
 final class TransmitQueue: @unchecked Sendable {
-    private(set) var ring: SplitQueue
+    // One worker thread at a time owns an engine, so its state opts out of dynamic exclusivity
+    // checks, which cost about a third of the per-frame instructions (measured with callgrind).
+    @exclusivity(unchecked) private(set) var ring: SplitQueue
     let index: Int
     let backendQueue: Int
     let call: EventFD?
@@ -39,10 +41,10 @@ final class TransmitQueue: @unchecked Sendable {
     let features: VirtioNetFeatures
     /// The largest non-GSO frame (Ethernet header onwards) the MTU allows, with a VLAN tag.
     let maximumFrameLength: Int
-    private var iovecs = IOVecArray(capacity: EngineLimits.maximumSegmentsPerFrame)
+    @exclusivity(unchecked) private var iovecs = IOVecArray(capacity: EngineLimits.maximumSegmentsPerFrame)
     private let header = UnsafeMutableRawBufferPointer.allocate(byteCount: VirtioNetHeader.size, alignment: 8)
     private let logger: Logger
-    private var faultsLogged = 0
+    @exclusivity(unchecked) private var faultsLogged = 0
 
     init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
          features: VirtioNetFeatures, mtu: Int, logger: Logger) {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CVirtioShim
 import GuestMemory
 import Synchronization
 import Sys
@@ -14,8 +15,8 @@ public final class SinkBackend: PacketBackend, @unchecked Sendable {
     public let receiveOffloads: OffloadSet = .all
     public let transmitOffloads: OffloadSet = .all
     /// Frames and bytes transmitted (only the owning worker writes them).
-    public private(set) var transmittedFrames = 0
-    public private(set) var transmittedBytes = 0
+    @exclusivity(unchecked) public private(set) var transmittedFrames = 0
+    @exclusivity(unchecked) public private(set) var transmittedBytes = 0
     /// What `receive` returns: header + frame; empty means "nothing to receive".
     private let template: UnsafeMutableRawBufferPointer
     /// How many more frames `receive` hands out before it reports "empty".
@@ -64,18 +65,22 @@ extension SimulatedQueue {
     /// that recycles its buffers, without allocating. Returns how many were recycled.
     @discardableResult
     public func recycleUsed() -> Int {
-        let published = usedIndex
+        // Concrete, pointer-level loads and stores: the benchmarks measure the device, not this.
+        let used = try! guest.memory.hostPointer(usedRing, length: UInt64(6 + 8 * size))
+        let available = try! guest.memory.hostPointer(availableRing, length: UInt64(6 + 2 * size))
+        let published = UInt16(littleEndian: cvs_load_acquire_u16(used + 2))
         var count = 0
         var seen = lastSeenUsedForRecycling
+        var next = availableIndex
         while seen != published {
-            let element = GuestAddress(usedRing.rawValue + 4 + UInt64(8 * (Int(seen) % size)))
-            let head = UInt16(truncatingIfNeeded: guest.load(UInt32.self, at: element))
-            makeAvailable(head: head, publish: false)
+            let head = UInt16(truncatingIfNeeded: UInt32(littleEndian: (used + 4 + 8 * (Int(seen) % size)).loadUnaligned(as: UInt32.self)))
+            (available + 4 + 2 * (Int(next) % size)).storeBytes(of: head.littleEndian, as: UInt16.self)
+            next &+= 1
             seen &+= 1
             count += 1
         }
         lastSeenUsedForRecycling = seen
-        if count > 0 { publishAvailable() }
+        if count > 0 { setAvailableIndex(next) }
         return count
     }
 }
