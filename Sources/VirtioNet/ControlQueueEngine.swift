@@ -14,7 +14,12 @@ final class ControlQueueEngine: @unchecked Sendable {
     /// Commands carry at most two MAC tables; anything this long is hostile.
     static let maximumCommandLength = 64 * 1024
 
-    init(index: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters, logger: Logger) {
+    /// Executes one command (class, command, data) and returns the ack byte.
+    let execute: @Sendable ([UInt8]) -> ControlAck
+
+    init(index: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters, logger: Logger,
+         execute: @escaping @Sendable ([UInt8]) -> ControlAck) {
+        self.execute = execute
         self.index = index
         self.ring = ring
         self.call = call
@@ -24,8 +29,8 @@ final class ControlQueueEngine: @unchecked Sendable {
 
     var nextAvailableIndex: UInt16 { ring.nextAvailableIndex }
 
-    /// Answers every pending command with `execute`, which returns the ack byte.
-    func process(_ execute: ([UInt8]) -> ControlAck) -> QueuePassResult {
+    /// Answers every pending command.
+    func process() -> QueuePassResult {
         var unpublished = 0
         var result = QueuePassResult.idle
         while true {

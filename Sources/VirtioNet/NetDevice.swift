@@ -212,7 +212,10 @@ public final class NetDevice: Sendable {
             }
             let queueLogger = logger
             if queue.index == controlIndex {
-                active.control = ControlQueueEngine(index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: queueLogger)
+                active.control = ControlQueueEngine(
+                    index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: queueLogger,
+                    execute: { [weak self] command in self?.executeControl(command) ?? .error }
+                )
             } else if queue.index % 2 == 0 {
                 let pair = queue.index / 2
                 active.receive[pair] = ReceiveQueue(
@@ -257,7 +260,6 @@ public final class NetDevice: Sendable {
                 receiveKick: active.kicks[2 * pair], transmitKick: active.kicks[2 * pair + 1],
                 controlKick: control.flatMap { active.kicks[$0.index] },
                 counters: queuePairCounters[pair], controlCounters: controlCounters, backend: backend,
-                executeControl: { [weak self] command in self?.executeControl(command) ?? .error },
                 onBroken: { [weak self] queue, fault in self?.markBroken(queue: queue, fault) },
                 logger: logger
             )
@@ -321,7 +323,7 @@ public final class NetDevice: Sendable {
         while progress && healthy {
             progress = false
             if let control = active.control {
-                healthy = check(control.process(executeControl), queue: control.index) && healthy
+                healthy = check(control.process(), queue: control.index) && healthy
             }
             for pair in 0..<configuration.queuePairs {
                 if let queue = active.transmit[pair] {

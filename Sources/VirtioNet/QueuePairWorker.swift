@@ -22,7 +22,6 @@ final class QueuePairWorker: @unchecked Sendable {
     private let counters: QueuePairCounters
     private let controlCounters: QueueCounters
     private let backend: any PacketBackend
-    private let executeControl: @Sendable ([UInt8]) -> ControlAck
     private let onBroken: @Sendable (Int, QueueFault) -> Void
     private let logger: Logger
     private let stopSignal: EventFD
@@ -38,7 +37,6 @@ final class QueuePairWorker: @unchecked Sendable {
     init(pair: Int, receive: ReceiveQueue?, transmit: TransmitQueue?, control: ControlQueueEngine?,
          receiveKick: EventFD?, transmitKick: EventFD?, controlKick: EventFD?,
          counters: QueuePairCounters, controlCounters: QueueCounters, backend: any PacketBackend,
-         executeControl: @escaping @Sendable ([UInt8]) -> ControlAck,
          onBroken: @escaping @Sendable (Int, QueueFault) -> Void, logger: Logger) throws(SystemError) {
         self.pair = pair
         self.receive = receive
@@ -50,7 +48,6 @@ final class QueuePairWorker: @unchecked Sendable {
         self.counters = counters
         self.controlCounters = controlCounters
         self.backend = backend
-        self.executeControl = executeControl
         self.onBroken = onBroken
         self.logger = logger
         stopSignal = try EventFD()
@@ -136,7 +133,7 @@ final class QueuePairWorker: @unchecked Sendable {
 
             if controlPending, let control {
                 controlPending = false
-                if case .broken(let fault) = control.process(executeControl) { onBroken(control.index, fault) }
+                if case .broken(let fault) = control.process() { onBroken(control.index, fault) }
             }
 
             if transmitPending, let transmit, !transmitBlocked, !transmitBroken {
