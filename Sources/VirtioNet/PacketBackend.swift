@@ -47,8 +47,34 @@ public protocol PacketBackend: AnyObject, Sendable {
 
     /// Sends one frame described by `frame` (header included).
     func transmit(queue: Int, frame: UnsafeBufferPointer<iovec>) -> TransmitOutcome
+    /// Sends a burst of frames in order, as few system calls as the backend can; fills one outcome per
+    /// frame attempted and returns how many were attempted. It stops after the first `wouldBlock`, so
+    /// the frames after it are untouched (the default does this with `transmit(queue:frame:)`).
+    func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int
     /// Receives one frame into `buffers` (header first).
     func receive(queue: Int, into buffers: UnsafeBufferPointer<iovec>) -> ReceiveOutcome
     /// A descriptor that is readable while `queue` has frames, writable while it accepts them.
     func descriptor(queue: Int) -> Int32
+}
+
+/// One frame of a burst: its iovecs (header first).
+public struct FrameSlice: @unchecked Sendable {
+    public var iovecs: UnsafePointer<iovec>
+    public var count: Int
+    public init(iovecs: UnsafePointer<iovec>, count: Int) {
+        self.iovecs = iovecs
+        self.count = count
+    }
+    @inlinable public var buffer: UnsafeBufferPointer<iovec> { UnsafeBufferPointer(start: iovecs, count: count) }
+}
+
+extension PacketBackend {
+    public func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
+        for (index, frame) in frames.enumerated() {
+            let outcome = transmit(queue: queue, frame: frame.buffer)
+            outcomes[index] = outcome
+            if outcome == .wouldBlock { return index + 1 }
+        }
+        return frames.count
+    }
 }

@@ -41,7 +41,12 @@ final class TransmitQueue: @unchecked Sendable {
     let features: VirtioNetFeatures
     /// The largest non-GSO frame (Ethernet header onwards) the MTU allows, with a VLAN tag.
     let maximumFrameLength: Int
-    @exclusivity(unchecked) private var iovecs = IOVecArray(capacity: EngineLimits.maximumSegmentsPerFrame)
+    @exclusivity(unchecked) private var iovecs = IOVecArray(capacity: 4 * EngineLimits.maximumSegmentsPerFrame)
+    /// The burst being built: each frame's iovecs (in `iovecs`), its head, and the backend's outcome.
+    private let burstFrames = UnsafeMutablePointer<FrameSlice>.allocate(capacity: EngineLimits.burst)
+    private let burstHeads = UnsafeMutablePointer<UInt16>.allocate(capacity: EngineLimits.burst)
+    private let burstLengths = UnsafeMutablePointer<Int>.allocate(capacity: EngineLimits.burst)
+    private let burstOutcomes = UnsafeMutablePointer<TransmitOutcome>.allocate(capacity: EngineLimits.burst)
     private let header = UnsafeMutableRawBufferPointer.allocate(byteCount: VirtioNetHeader.size, alignment: 8)
     private let logger: Logger
     @exclusivity(unchecked) private var faultsLogged = 0
@@ -58,19 +63,66 @@ final class TransmitQueue: @unchecked Sendable {
         self.logger = logger
     }
 
-    deinit { header.deallocate() }
+    deinit {
+        header.deallocate()
+        burstFrames.deallocate()
+        burstHeads.deallocate()
+        burstLengths.deallocate()
+        burstOutcomes.deallocate()
+    }
 
     var nextAvailableIndex: UInt16 { ring.nextAvailableIndex }
 
-    /// Moves up to `budget` frames from the ring to the backend.
+    /// Moves up to `budget` frames from the ring to the backend, in bursts of valid frames handed to
+    /// the backend together (one io_uring submission for a TAP).
     func process<Backend: PacketBackend>(backend: Backend, budget: Int) -> QueuePassResult {
         var handled = 0
         var unpublished = 0
         var frames = 0
         var bytes = 0
         var result = QueuePassResult.budgetExhausted
-        while handled < budget {
+        iovecs.removeAll()
+        var pending = 0
+
+        /// Hands the pending burst to the backend; false when it would block.
+        func flush() -> Bool {
+            guard pending > 0 else { return true }
+            let attempted = backend.transmit(queue: backendQueue, frames: UnsafeBufferPointer(start: burstFrames, count: pending), outcomes: burstOutcomes)
+            var blocked = false
+            for index in 0..<attempted {
+                switch burstOutcomes[index] {
+                case .sent:
+                    ring.addUsed(head: burstHeads[index], length: 0)
+                    frames += 1
+                    bytes += burstLengths[index]
+                    unpublished += 1
+                case .dropped:
+                    ring.addUsed(head: burstHeads[index], length: 0)
+                    counters.countDrop(.backend)
+                    unpublished += 1
+                case .wouldBlock:
+                    blocked = true
+                }
+            }
+            if blocked || attempted < pending {
+                // The blocked frame and those after it were the last chains popped: pop them again later.
+                let notSent = pending - attempted + (blocked ? 1 : 0)
+                ring.undoPop(notSent)
+                handled -= notSent
+            }
+            pending = 0
             iovecs.removeAll()
+            if unpublished >= EngineLimits.burst {
+                publish()
+                unpublished = 0
+            }
+            return !blocked
+        }
+
+        while handled < budget {
+            if pending == EngineLimits.burst || iovecs.capacity - iovecs.count < EngineLimits.maximumSegmentsPerFrame {
+                guard flush() else { result = .blocked; break }
+            }
             let chain: DescriptorChain
             do throws(VirtqueueError) {
                 guard let popped = try ring.popChain(into: &iovecs) else {
@@ -80,6 +132,13 @@ final class TransmitQueue: @unchecked Sendable {
                 chain = popped
             } catch {
                 if case .badChain(let head, let fault) = error {
+                    // Only the last chains popped can be put back, so the burst before a bad chain
+                    // goes out first; the bad chain is popped again and answered after it.
+                    if pending > 0 {
+                        ring.undoPop(1)
+                        guard flush() else { result = .blocked; break }
+                        continue
+                    }
                     drop(head: head, .badChain, fault)
                     unpublished += 1
                     handled += 1
@@ -90,47 +149,40 @@ final class TransmitQueue: @unchecked Sendable {
             }
             handled += 1
             let frameLength = Int(chain.readableLength) - VirtioNetHeader.size
-            guard chain.writable.isEmpty, frameLength >= 0 else {
-                drop(head: chain.head, .badChain, chain.writable.isEmpty ? "chain shorter than the header" : "writable descriptor in a transmit chain")
-                unpublished += 1
-                continue
-            }
             let frame = UnsafeBufferPointer(iovecs.buffer(chain.readable))
-            _ = IOVec.copyOut(frame, from: 0, into: header)
-            let parsed = VirtioNetHeader(bytes: UnsafeRawBufferPointer(header))
-            do {
-                try parsed.validateForTransmit(frameLength: frameLength, features: features)
-            } catch {
-                drop(head: chain.head, .badHeader, error)
+            var refusal: (DropReason, String)? = nil
+            if !chain.writable.isEmpty || frameLength < 0 {
+                refusal = (.badChain, chain.writable.isEmpty ? "chain shorter than the header" : "writable descriptor in a transmit chain")
+            } else {
+                _ = IOVec.copyOut(frame, from: 0, into: header)
+                let parsed = VirtioNetHeader(bytes: UnsafeRawBufferPointer(header))
+                do {
+                    try parsed.validateForTransmit(frameLength: frameLength, features: features)
+                    if parsed.gsoTypeRaw == 0 && frameLength > maximumFrameLength {
+                        refusal = (.oversize, "frame of \(frameLength) bytes exceeds the MTU")
+                    }
+                } catch {
+                    refusal = (.badHeader, error.description)
+                }
+            }
+            if let (reason, why) = refusal {
+                iovecs.count = chain.readable.lowerBound
+                if pending > 0 {
+                    ring.undoPop(1)
+                    handled -= 1
+                    guard flush() else { result = .blocked; break }
+                    continue
+                }
+                drop(head: chain.head, reason, why)
                 unpublished += 1
                 continue
             }
-            if parsed.gsoTypeRaw == 0 && frameLength > maximumFrameLength {
-                drop(head: chain.head, .oversize, "frame of \(frameLength) bytes exceeds the MTU")
-                unpublished += 1
-                continue
-            }
-            switch backend.transmit(queue: backendQueue, frame: frame) {
-            case .sent:
-                ring.addUsed(head: chain.head, length: 0)
-                frames += 1
-                bytes += frameLength
-            case .wouldBlock:
-                // Keep the chain: it is popped again once the backend is writable.
-                ring.undoPop(1)
-                handled -= 1
-                result = .blocked
-            case .dropped:
-                ring.addUsed(head: chain.head, length: 0)
-                counters.countDrop(.backend)
-            }
-            if result == .blocked { break }
-            unpublished += 1
-            if unpublished >= EngineLimits.burst {
-                publish()
-                unpublished = 0
-            }
+            burstFrames[pending] = FrameSlice(iovecs: UnsafePointer(iovecs.base + chain.readable.lowerBound), count: chain.readable.count)
+            burstHeads[pending] = chain.head
+            burstLengths[pending] = frameLength
+            pending += 1
         }
+        if result != .blocked, !flush() { result = .blocked }
         if unpublished > 0 { publish() }
         counters.addFrames(frames, bytes: bytes)
         return result

@@ -37,5 +37,6 @@ static inline void cvs_fence_acquire(void) {
 // TAP ioctls live in their own header; included here because the umbrella header defines the module.
 #include "CVirtioShimTap.h"
 #include "CVirtioShimSocket.h"
+#include "CVirtioShimUring.h"
 
 #endif
