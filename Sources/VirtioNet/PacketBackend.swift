@@ -70,6 +70,11 @@ public struct FrameSlice: @unchecked Sendable {
 
 extension PacketBackend {
     public func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
+        transmitEach(queue: queue, frames: frames, outcomes: outcomes)
+    }
+
+    /// A burst as single transmits, stopping after the first `wouldBlock`.
+    public func transmitEach(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
         for (index, frame) in frames.enumerated() {
             let outcome = transmit(queue: queue, frame: frame.buffer)
             outcomes[index] = outcome

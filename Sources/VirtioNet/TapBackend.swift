@@ -94,12 +94,7 @@ public final class TapBackend: PacketBackend {
     /// one per frame). TAP writes do not block, so an EAGAIN here is counted as a drop.
     public func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
         guard frames.count > 1, let ring = urings[queue].ring(entries: 256) else {
-            for (index, frame) in frames.enumerated() {
-                let outcome = transmit(queue: queue, frame: frame.buffer)
-                outcomes[index] = outcome
-                if outcome == .wouldBlock { return index + 1 }
-            }
-            return frames.count
+            return transmitEach(queue: queue, frames: frames, outcomes: outcomes)
         }
         let fd = tap.fd(queue: queue)
         for (index, frame) in frames.enumerated() {
