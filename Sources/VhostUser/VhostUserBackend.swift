@@ -435,7 +435,7 @@ public final class VhostUserBackend {
         let queues = ready.sorted().map { index in
             QueueConfiguration(index: index, size: rings[index].size!, rings: rings[index].addresses!,
                                nextAvailableIndex: rings[index].nextAvailableIndex,
-                               kick: rings[index].kick, call: rings[index].call)
+                               kick: rings[index].kick, call: rings[index].call, error: rings[index].error)
         }
         do {
             try device.acknowledge(features: virtio)

@@ -16,8 +16,12 @@ public struct QueueConfiguration: Sendable {
     public var kick: EventFD?
     /// Written by the device to interrupt the driver.
     public var call: EventFD?
+    /// Written by the device when the guest breaks this ring (vhost-user SET_VRING_ERR).
+    public var error: EventFD?
 
-    public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16 = 0, kick: EventFD? = nil, call: EventFD? = nil) {
+    public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16 = 0, kick: EventFD? = nil,
+                call: EventFD? = nil, error: EventFD? = nil) {
+        self.error = error
         self.index = index
         self.size = size
         self.rings = rings
@@ -51,6 +55,7 @@ final class ActiveQueues: @unchecked Sendable {
     var transmit: [TransmitQueue?]
     var control: ControlQueueEngine?
     var kicks: [Int: EventFD] = [:]
+    var errors: [Int: EventFD] = [:]
     var workers: [QueuePairWorker] = []
     let controlIndex: Int
 
@@ -231,6 +236,7 @@ public final class NetDevice: Sendable {
                     logger: queueLogger
                 )
             }
+            if let error = queue.error { active.errors[queue.index] = error }
             if let kick = queue.kick {
                 active.kicks[queue.index] = kick
             } else if drive == .workerThreads {
@@ -357,7 +363,11 @@ public final class NetDevice: Sendable {
     }
 
     func markBroken(queue: Int, _ fault: QueueFault) {
-        state.withLock { $0.needsReset = true }
+        let error = state.withLock { state -> EventFD? in
+            state.needsReset = true
+            return state.active?.errors[queue]
+        }
+        try? error?.signal()
         logger.error("guest broke a virtqueue; the device needs a reset", metadata: ["queue": "\(queue)", "fault": "\(fault)"])
     }
 

@@ -1,3 +1,4 @@
+import Sys
 import Testing
 import VirtioNet
 import VirtioNetTestSupport
@@ -64,5 +65,31 @@ struct WorkerTests {
         driver.postReceiveBuffers(count: 50)
         #expect(driver.transmit(ethernetFrame(length: 80)))
         #expect(driver.receive(count: 1).count == 1)
+    }
+
+    @Test("A broken ring signals its error eventfd (vhost-user SET_VRING_ERR)")
+    func brokenRingSignalsErrorEventFD() throws {
+        let backend = try LoopbackBackend()
+        let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC), backend: backend)
+        defer { device.reset() }
+        let guest = try SimulatedGuestMemory(regionSize: 1 << 20)
+        let queue = SimulatedQueue(guest: guest, size: 16, eventIndex: false)
+        try device.acknowledge(features: [.version1])
+        let kick = try EventFD()
+        let error = try EventFD()
+        try device.activate(memory: guest.memory, queues: [
+            QueueConfiguration(index: 1, size: 16, rings: queue.rings, kick: kick, error: error),
+        ])
+        #expect(try error.drain() == nil)
+        queue.setAvailableIndex(100)
+        try kick.signal()
+        let deadline = SimulatedNetDriver.now() + 10
+        var signalled = false
+        while !signalled && SimulatedNetDriver.now() < deadline {
+            _ = try waitReadable([error.rawValue], timeoutMilliseconds: 100)
+            signalled = try error.drain() != nil
+        }
+        #expect(signalled)
+        #expect(device.needsReset)
     }
 }
