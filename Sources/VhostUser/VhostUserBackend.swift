@@ -291,7 +291,6 @@ public final class VhostUserBackend {
             }
             do {
                 try device.setMTU(mtu)
-                if let tap = (device.backend as? TapBackend)?.tap { try tap.setMTU(mtu) }
             } catch {
                 throw VhostUserError("NET_SET_MTU \(mtu): \(error)")
             }
@@ -361,10 +360,7 @@ public final class VhostUserBackend {
         acknowledgedFeatures = nil
         status = 0
         let configured = device.configuration.mtu
-        if device.mtu != configured {
-            try? device.setMTU(configured)
-            if let tap = (device.backend as? TapBackend)?.tap { try? tap.setMTU(configured) }
-        }
+        if device.mtu != configured { try? device.setMTU(configured) }
     }
 
     // MARK: Memory

@@ -152,10 +152,12 @@ public final class NetDevice: Sendable {
     /// configured one; a vhost-user frontend may set another (NET_SET_MTU) before activation.
     public var mtu: Int { state.withLock { $0.mtu } }
 
+    /// Also sets the backend's MTU (a TAP's interface MTU).
     public func setMTU(_ mtu: Int) throws(NetDeviceError) {
         guard (NetConfiguration.minimumMTU...NetConfiguration.maximumMTU).contains(mtu) else {
             throw .invalidConfiguration("mtu \(mtu) is outside \(NetConfiguration.minimumMTU)...\(NetConfiguration.maximumMTU)")
         }
+        do { try backend.setMTU(mtu) } catch { throw .backend(error.description) }
         state.withLock { $0.mtu = mtu }
     }
 

@@ -44,6 +44,8 @@ public protocol PacketBackend: AnyObject, Sendable {
     func setReceiveOffloads(_ offloads: OffloadSet) throws(BackendError)
     /// Only the first `count` queue pairs receive traffic.
     func setActiveQueuePairs(_ count: Int) throws(BackendError)
+    /// The link MTU changed (a TAP takes it as its interface MTU); the default does nothing.
+    func setMTU(_ mtu: Int) throws(BackendError)
 
     /// Sends one frame described by `frame` (header included).
     func transmit(queue: Int, frame: UnsafeBufferPointer<iovec>) -> TransmitOutcome
@@ -69,6 +71,8 @@ public struct FrameSlice: @unchecked Sendable {
 }
 
 extension PacketBackend {
+    public func setMTU(_ mtu: Int) throws(BackendError) {}
+
     public func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
         transmitEach(queue: queue, frames: frames, outcomes: outcomes)
     }

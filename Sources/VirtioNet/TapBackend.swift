@@ -54,6 +54,10 @@ public final class TapBackend: PacketBackend {
         do { try tap.setOffloads(flags) } catch { throw BackendError(error.description) }
     }
 
+    public func setMTU(_ mtu: Int) throws(BackendError) {
+        do { try tap.setMTU(mtu) } catch { throw BackendError(error.description) }
+    }
+
     public func setActiveQueuePairs(_ count: Int) throws(BackendError) {
         guard tap.isMultiQueue else { return }
         do {
