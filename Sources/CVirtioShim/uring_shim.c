@@ -15,6 +15,7 @@ struct cvs_uring {
     unsigned *cq_head, *cq_tail, *cq_mask;
     struct io_uring_cqe *cqes;
     unsigned pending;  // queued, not yet submitted
+    int registered_fd; // the file registered as fixed file 0, or -1
     void *sq_map, *cq_map;
     size_t sq_map_size, cq_map_size, sqes_size;
 };
@@ -27,6 +28,7 @@ cvs_uring *cvs_uring_create(unsigned entries) {
     cvs_uring *ring = calloc(1, sizeof(*ring));
     if (!ring) { close(fd); errno = ENOMEM; return NULL; }
     ring->fd = fd;
+    ring->registered_fd = -1;
     ring->sq_map_size = params.sq_off.array + params.sq_entries * sizeof(unsigned);
     ring->cq_map_size = params.cq_off.cqes + params.cq_entries * sizeof(struct io_uring_cqe);
     if (params.features & IORING_FEAT_SINGLE_MMAP) {
@@ -60,8 +62,18 @@ fail:
     return NULL;
 }
 
+int cvs_uring_register_file(cvs_uring *ring, int fd) {
+    if (ring->registered_fd >= 0) { errno = EBUSY; return -1; }
+    if (syscall(__NR_io_uring_register, ring->fd, IORING_REGISTER_FILES, &fd, 1) < 0) return -1;
+    ring->registered_fd = fd;
+    return 0;
+}
+
 void cvs_uring_destroy(cvs_uring *ring) {
     if (!ring) return;
+    // Unregistering drops the ring's reference to the file now; left to the ring's asynchronous
+    // teardown, a TAP closed by its owner would stay attached (and busy) for a while.
+    if (ring->registered_fd >= 0) syscall(__NR_io_uring_register, ring->fd, IORING_UNREGISTER_FILES, NULL, 0);
     if (ring->sqes) munmap(ring->sqes, ring->sqes_size);
     if (ring->cq_map && ring->cq_map != ring->sq_map) munmap(ring->cq_map, ring->cq_map_size);
     if (ring->sq_map && ring->sq_map != MAP_FAILED) munmap(ring->sq_map, ring->sq_map_size);
@@ -76,10 +88,22 @@ static int prep(cvs_uring *ring, int op, int fd, const struct iovec *iov, unsign
     unsigned index = tail & *ring->sq_mask;
     struct io_uring_sqe *sqe = &ring->sqes[index];
     memset(sqe, 0, sizeof(*sqe));
-    sqe->opcode = (uint8_t)op;
-    sqe->fd = fd;
-    sqe->addr = (uint64_t)(uintptr_t)iov;
-    sqe->len = count;
+    if (fd == ring->registered_fd) {
+        sqe->fd = 0;
+        sqe->flags = IOSQE_FIXED_FILE;  // saves the per-request file lookup and reference count
+    } else {
+        sqe->fd = fd;
+    }
+    if (count == 1 && (op == IORING_OP_WRITEV || op == IORING_OP_READV)) {
+        // One segment: the plain opcode spares the kernel copying and checking an iovec array.
+        sqe->opcode = op == IORING_OP_WRITEV ? IORING_OP_WRITE : IORING_OP_READ;
+        sqe->addr = (uint64_t)(uintptr_t)iov->iov_base;
+        sqe->len = (uint32_t)iov->iov_len;
+    } else {
+        sqe->opcode = (uint8_t)op;
+        sqe->addr = (uint64_t)(uintptr_t)iov;
+        sqe->len = count;
+    }
     sqe->user_data = user_data;
     ring->sq_array[index] = index;
     ring->pending++;

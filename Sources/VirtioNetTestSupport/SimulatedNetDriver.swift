@@ -99,6 +99,29 @@ public final class SimulatedNetDriver: @unchecked Sendable {
         return true
     }
 
+    /// Makes all of `frames` available at once (one avail.idx store, at most one kick), so the device
+    /// finds them together and handles them as one burst. Each frame is spread over descriptors of
+    /// `segmentSize` bytes when it gives one. Returns false, adding nothing more, once the ring is full.
+    @discardableResult
+    public func transmitBurst(_ frames: [(frame: [UInt8], segmentSize: Int?)], pair: Int = 0) -> Bool {
+        let queue = transmitQueues[pair]
+        let old = queue.availableIndex
+        var added = true
+        for (frame, segmentSize) in frames {
+            let bytes = VirtioNetHeader().bytes + frame
+            let address = guest.allocate(bytes.count)
+            guest.write(bytes, at: address)
+            let step = segmentSize ?? bytes.count
+            let segments = stride(from: 0, to: bytes.count, by: step).map { offset in
+                (address: GuestAddress(address.rawValue + UInt64(offset)), length: UInt32(min(step, bytes.count - offset)), writable: false)
+            }
+            guard queue.add(segments, indirect: useIndirect, publish: false) != nil else { added = false; break }
+        }
+        queue.publishAvailable()
+        kick(queue: queue, index: 2 * pair + 1, since: old)
+        return added
+    }
+
     /// Used entries of transmitted chains since the last call.
     public func completedTransmits(pair: Int = 0) -> [(head: UInt16, length: UInt32)] {
         transmitQueues[pair].takeUsed()

@@ -256,6 +256,38 @@ struct PacketPathTests {
         }
     }
 
+    // MARK: 5b. Bursts
+
+    @Test("Frames made available together go to the TAP as one burst and all reach B, whole and in order")
+    func aBurstOfFramesArrivesWholeAndInOrder() async throws {
+        try await PacketPathFixture.with { f in
+            let sink = try await f.peerUDP(port: 7008)
+            // 48 frames, one burst: whole frames in one descriptor (one plain write each) and frames
+            // split over several (one writev each), of different lengths, mixed.
+            let payloads = (0..<48).map { index in Array("burst frame \(index) ".utf8) + Packet.pattern(count: 13 * index, seed: UInt8(index)) }
+            let burst = payloads.enumerated().map { index, payload in
+                (frame: Packet.udpFrame(sourceMAC: Guest.macBytes, destinationMAC: Peer.mac, IPVersion.v4.outbound,
+                                        sourcePort: 41100, destinationPort: 7008, payload: payload),
+                 segmentSize: [nil, 64, nil, 300][index % 4])
+            }
+            #expect(f.driver.transmitBurst(burst))
+            var arrived: [[UInt8]] = []
+            try sink.receiveAll { datagram, _ in
+                arrived.append(datagram)
+                return arrived.count == payloads.count
+            }
+            // Compared without printing 48 payloads when they differ.
+            let firstDifference = Array(zip(arrived, payloads)).firstIndex { $0.0 != $0.1 }
+            #expect(arrived.count == payloads.count && firstDifference == nil,
+                    "\(arrived.count) of \(payloads.count) datagrams arrived; first that differs: \(String(describing: firstDifference))")
+            let counters = f.device.queuePairCounters[0].transmit
+            #expect(f.settled(counters.frames, at: 48) == 48)
+            #expect(counters.totalDrops == 0)
+            var completed = 0
+            #expect(f.driver.waitUntil { completed += f.driver.completedTransmits().count; return completed == 48 })
+        }
+    }
+
     // MARK: 6. MTU
 
     @Test("With MTU 1500 a larger frame without GSO is dropped and counted by the device, never reaching B")
