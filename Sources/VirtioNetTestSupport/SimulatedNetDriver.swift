@@ -81,20 +81,9 @@ public final class SimulatedNetDriver: @unchecked Sendable {
     @discardableResult
     public func transmit(_ frame: [UInt8], header: VirtioNetHeader = VirtioNetHeader(), pair: Int = 0,
                          segmentSize: Int? = nil, indirect: Bool? = nil) -> Bool {
-        let bytes = header.bytes + frame
         let queue = transmitQueues[pair]
-        let address = guest.allocate(bytes.count)
-        guest.write(bytes, at: address)
-        var segments: [(address: GuestAddress, length: UInt32, writable: Bool)] = []
-        let step = segmentSize ?? bytes.count
-        var offset = 0
-        while offset < bytes.count {
-            let length = min(step, bytes.count - offset)
-            segments.append((GuestAddress(address.rawValue + UInt64(offset)), UInt32(length), false))
-            offset += length
-        }
         let old = queue.availableIndex
-        guard queue.add(segments, indirect: indirect ?? useIndirect) != nil else { return false }
+        guard addTransmitChain(header.bytes + frame, to: queue, segmentSize: segmentSize, indirect: indirect ?? useIndirect, publish: true) else { return false }
         kick(queue: queue, index: 2 * pair + 1, since: old)
         return true
     }
@@ -108,18 +97,26 @@ public final class SimulatedNetDriver: @unchecked Sendable {
         let old = queue.availableIndex
         var added = true
         for (frame, segmentSize) in frames {
-            let bytes = VirtioNetHeader().bytes + frame
-            let address = guest.allocate(bytes.count)
-            guest.write(bytes, at: address)
-            let step = segmentSize ?? bytes.count
-            let segments = stride(from: 0, to: bytes.count, by: step).map { offset in
-                (address: GuestAddress(address.rawValue + UInt64(offset)), length: UInt32(min(step, bytes.count - offset)), writable: false)
+            guard addTransmitChain(VirtioNetHeader().bytes + frame, to: queue, segmentSize: segmentSize, indirect: useIndirect, publish: false) else {
+                added = false
+                break
             }
-            guard queue.add(segments, indirect: useIndirect, publish: false) != nil else { added = false; break }
         }
         queue.publishAvailable()
         kick(queue: queue, index: 2 * pair + 1, since: old)
         return added
+    }
+
+    /// Copies `bytes` (header and frame) into guest memory and adds them to `queue` as one chain of
+    /// readable descriptors of `segmentSize` bytes (one descriptor without it).
+    private func addTransmitChain(_ bytes: [UInt8], to queue: SimulatedQueue, segmentSize: Int?, indirect: Bool, publish: Bool) -> Bool {
+        let address = guest.allocate(bytes.count)
+        guest.write(bytes, at: address)
+        let step = segmentSize ?? bytes.count
+        let segments = stride(from: 0, to: bytes.count, by: step).map { offset in
+            (address: GuestAddress(address.rawValue + UInt64(offset)), length: UInt32(min(step, bytes.count - offset)), writable: false)
+        }
+        return queue.add(segments, indirect: indirect, publish: publish) != nil
     }
 
     /// Used entries of transmitted chains since the last call.
