@@ -9,6 +9,7 @@
 // SECONDS, or on SIGINT/SIGTERM. Run it in the namespace the TAP is to live in.
 // Build: gcc -O2 -Wall -o tap-read tap-read.c
 #define _GNU_SOURCE
+#include "bench-tap.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if_tun.h>
@@ -22,7 +23,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define VNET_HEADER_SIZE 12
 
 static volatile sig_atomic_t stopping;
 static void on_signal(int signo) { (void)signo; stopping = 1; }
@@ -49,24 +49,8 @@ int main(int argc, char **argv) {
         return 2;
     }
 
-    int fd = open("/dev/net/tun", O_RDWR | O_CLOEXEC);
-    if (fd < 0) { perror("tap-read: open /dev/net/tun"); return 1; }
-    struct ifreq request = {0};
-    strncpy(request.ifr_name, ifname, IFNAMSIZ - 1);
-    request.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-    if (ioctl(fd, TUNSETIFF, &request) < 0) { fprintf(stderr, "tap-read: TUNSETIFF %s: %s\n", ifname, strerror(errno)); return 1; }
-    int header_size = VNET_HEADER_SIZE;
-    if (ioctl(fd, TUNSETVNETHDRSZ, &header_size) < 0) { perror("tap-read: TUNSETVNETHDRSZ"); return 1; }
-
-    // Link up (SIOCSIFFLAGS through any socket of this namespace).
-    int control = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (control < 0) { perror("tap-read: socket"); return 1; }
-    struct ifreq flags = {0};
-    memcpy(flags.ifr_name, request.ifr_name, IFNAMSIZ);
-    if (ioctl(control, SIOCGIFFLAGS, &flags) < 0) { perror("tap-read: SIOCGIFFLAGS"); return 1; }
-    flags.ifr_flags |= IFF_UP;
-    if (ioctl(control, SIOCSIFFLAGS, &flags) < 0) { perror("tap-read: SIOCSIFFLAGS (up)"); return 1; }
-    close(control);
+    int fd = bench_open_tap("tap-read", ifname, 0);
+    if (fd < 0) return 1;
 
     struct sigaction action = {.sa_handler = on_signal};  // no SA_RESTART: read returns EINTR
     sigaction(SIGINT, &action, NULL);
@@ -76,7 +60,7 @@ int main(int argc, char **argv) {
         alarm((unsigned)seconds + (seconds > (unsigned)seconds));
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    printf("tap-read: ready on %s\n", request.ifr_name);
+    printf("tap-read: ready on %s\n", ifname);
 
     static char buffer[VNET_HEADER_SIZE + 65536];
     unsigned long long frames = 0, bytes = 0, frames_at_report = 0;
@@ -86,7 +70,7 @@ int main(int argc, char **argv) {
         ssize_t n = read(fd, buffer, sizeof buffer);
         if (n < 0) {
             if (errno == EINTR) continue;
-            fprintf(stderr, "tap-read: read %s: %s\n", request.ifr_name, strerror(errno));
+            fprintf(stderr, "tap-read: read %s: %s\n", ifname, strerror(errno));
             return 1;
         }
         if (n < VNET_HEADER_SIZE) { fprintf(stderr, "tap-read: short read of %zd bytes\n", n); return 1; }

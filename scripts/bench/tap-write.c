@@ -13,6 +13,7 @@
 // SIGTERM, and prints the total. The caller counts frames with the TAP's rx_packets. Run it in the
 // namespace the TAP is to live in. Build: gcc -O2 -Wall -o tap-write tap-write.c
 #define _GNU_SOURCE
+#include "bench-tap.h"
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/if_tun.h>
@@ -30,7 +31,6 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define VNET_HEADER_SIZE 12
 #define BATCH 64
 
 static volatile sig_atomic_t stopping;
@@ -113,22 +113,8 @@ int main(int argc, char **argv) {
         return 2;
     }
 
-    int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) { perror("tap-write: open /dev/net/tun"); return 1; }
-    struct ifreq request = {0};
-    strncpy(request.ifr_name, ifname, IFNAMSIZ - 1);
-    request.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
-    if (ioctl(fd, TUNSETIFF, &request) < 0) { fprintf(stderr, "tap-write: TUNSETIFF %s: %s\n", ifname, strerror(errno)); return 1; }
-    int header_size = VNET_HEADER_SIZE;
-    if (ioctl(fd, TUNSETVNETHDRSZ, &header_size) < 0) { perror("tap-write: TUNSETVNETHDRSZ"); return 1; }
-    int control = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (control < 0) { perror("tap-write: socket"); return 1; }
-    struct ifreq flags = {0};
-    memcpy(flags.ifr_name, request.ifr_name, IFNAMSIZ);
-    if (ioctl(control, SIOCGIFFLAGS, &flags) < 0) { perror("tap-write: SIOCGIFFLAGS"); return 1; }
-    flags.ifr_flags |= IFF_UP;
-    if (ioctl(control, SIOCSIFFLAGS, &flags) < 0) { perror("tap-write: SIOCSIFFLAGS (up)"); return 1; }
-    close(control);
+    int fd = bench_open_tap("tap-write", ifname, O_NONBLOCK);
+    if (fd < 0) return 1;
 
     static unsigned char buffers[BATCH][VNET_HEADER_SIZE + 1514];
     struct iovec iovecs[BATCH];
@@ -149,7 +135,7 @@ int main(int argc, char **argv) {
         alarm((unsigned)seconds + (seconds > (unsigned)seconds));
     }
     setvbuf(stdout, NULL, _IOLBF, 0);
-    printf("tap-write: ready on %s (%s, %d-byte frames)\n", request.ifr_name, mode, size);
+    printf("tap-write: ready on %s (%s, %d-byte frames)\n", ifname, mode, size);
 
     unsigned long long written = 0, refused = 0;
     while (!stopping) {
