@@ -77,7 +77,7 @@ let package = Package(
         ),
         .testTarget(
             name: "VirtioNetTests",
-            dependencies: ["VirtioNet", "VirtioNetTestSupport", "Virtqueue", "GuestMemory", "Sys"]
+            dependencies: ["VirtioNet", "VirtioNetTestSupport", "Virtqueue", "GuestMemory", "Sys", .product(name: "Logging", package: "swift-log")]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -8,9 +8,10 @@ public final class EventFD: Sendable {
     private let descriptor: OwnedFileDescriptor
     public var rawValue: Int32 { descriptor.rawValue }
 
-    /// A new non-blocking, close-on-exec eventfd.
-    public init() throws(SystemError) {
-        let fd = try retryingOnInterrupt("eventfd") { cvs_eventfd(0, CVS_EFD_CLOEXEC | CVS_EFD_NONBLOCK) }
+    /// A new non-blocking, close-on-exec eventfd; with `semaphore`, each read takes one from the counter.
+    public init(semaphore: Bool = false) throws(SystemError) {
+        let flags = CVS_EFD_CLOEXEC | CVS_EFD_NONBLOCK | (semaphore ? CVS_EFD_SEMAPHORE : 0)
+        let fd = try retryingOnInterrupt("eventfd") { cvs_eventfd(0, flags) }
         descriptor = OwnedFileDescriptor(taking: fd)
     }
 

@@ -11,6 +11,7 @@ final class ControlQueueEngine: @unchecked Sendable {
     let counters: QueueCounters
     private var iovecs = IOVecArray(capacity: 256)
     private let logger: Logger
+    private var faultsLogged = 0
     /// Commands carry at most two MAC tables; anything this long is hostile.
     static let maximumCommandLength = 64 * 1024
 
@@ -29,17 +30,22 @@ final class ControlQueueEngine: @unchecked Sendable {
 
     var nextAvailableIndex: UInt16 { ring.nextAvailableIndex }
 
-    /// Answers every pending command.
-    func process() -> QueuePassResult {
+    /// Answers up to `budget` pending commands (refused ones count too, so a pass always ends).
+    func process(budget: Int) -> QueuePassResult {
         var unpublished = 0
-        var result = QueuePassResult.idle
-        while true {
+        var result = QueuePassResult.budgetExhausted
+        var handled = 0
+        while handled < budget {
             iovecs.removeAll()
             let chain: DescriptorChain
             do throws(VirtqueueError) {
-                guard let popped = try ring.popChain(into: &iovecs) else { break }
+                guard let popped = try ring.popChain(into: &iovecs) else {
+                    result = .idle
+                    break
+                }
                 chain = popped
             } catch {
+                handled += 1
                 if case .badChain(let head, let fault) = error {
                     refuse(head: head, "\(fault)")
                     unpublished += 1
@@ -48,6 +54,7 @@ final class ControlQueueEngine: @unchecked Sendable {
                 if case .broken(let fault) = error { result = .broken(fault) }
                 break
             }
+            handled += 1
             guard chain.writableLength >= 1, chain.readableLength >= 2,
                   Int(chain.readableLength) <= Self.maximumCommandLength
             else {
@@ -73,9 +80,16 @@ final class ControlQueueEngine: @unchecked Sendable {
         return result
     }
 
+    func enableNotifications() throws(VirtqueueError) -> Bool { try ring.enableNotifications() }
+    func disableNotifications() { ring.disableNotifications() }
+
     private func refuse(head: UInt16, _ why: String) {
         ring.addUsed(head: head, length: 0)
         counters.countDrop(.badChain)
-        logger.warning("control command refused", metadata: ["queue": "\(index)", "detail": "\(why)"])
+        // The guest controls how often this happens: a few warnings, then debug only.
+        faultsLogged += 1
+        logger.log(level: faultsLogged <= 8 ? .warning : .debug, "control command refused", metadata: [
+            "queue": "\(index)", "detail": "\(why)",
+        ])
     }
 }

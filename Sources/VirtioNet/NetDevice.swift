@@ -319,6 +319,8 @@ public final class NetDevice: Sendable {
 
     /// Runs every queue until nothing more can be done now, on the calling thread: for VMMs that
     /// drive the device from their own loop, and for tests. Kick eventfds, if any, are drained.
+    /// A guest that keeps adding work cannot keep the caller here: after `pollRounds` passes of at
+    /// most 256 chains per queue it returns, and the next call goes on.
     /// Returns false if the guest broke a ring (the device then needs a reset).
     @discardableResult
     public func poll() -> Bool {
@@ -328,10 +330,14 @@ public final class NetDevice: Sendable {
         }
         var healthy = true
         var progress = true
-        while progress && healthy {
+        var rounds = 0
+        while progress && healthy && rounds < Self.pollRounds {
             progress = false
+            rounds += 1
             if let control = active.control {
-                healthy = check(control.process(), queue: control.index) && healthy
+                let result = control.process(budget: 256)
+                healthy = check(result, queue: control.index) && healthy
+                if result == .budgetExhausted { progress = true }
             }
             for pair in 0..<configuration.queuePairs {
                 if let queue = active.transmit[pair] {
@@ -348,6 +354,9 @@ public final class NetDevice: Sendable {
         }
         return healthy
     }
+
+    /// The most passes over every queue one `poll()` makes.
+    public static let pollRounds = 64
 
     private func countKick(queue index: Int, controlIndex: Int) {
         if index == controlIndex {

@@ -53,9 +53,13 @@ final class QueuePairWorker: @unchecked Sendable {
         stopSignal = try EventFD()
         epoll = try Epoll()
         try epoll.add(fd: stopSignal.rawValue, events: .readable, token: Token.stop.rawValue)
-        if let transmitKick { try epoll.add(fd: transmitKick.rawValue, events: .readable, token: Token.transmitKick.rawValue) }
-        if let receiveKick { try epoll.add(fd: receiveKick.rawValue, events: .readable, token: Token.receiveKick.rawValue) }
-        if let controlKick { try epoll.add(fd: controlKick.rawValue, events: .readable, token: Token.controlKick.rawValue) }
+        // Kicks are edge-triggered: every write to a kick eventfd wakes the worker once, whatever is
+        // left in its counter (a semaphore eventfd gives back one unit per read and would otherwise
+        // stay readable for ever). Each wake-up processes the whole ring, so no kick is lost.
+        let kickEvents: Epoll.Events = [.readable, .edgeTriggered]
+        if let transmitKick { try epoll.add(fd: transmitKick.rawValue, events: kickEvents, token: Token.transmitKick.rawValue) }
+        if let receiveKick { try epoll.add(fd: receiveKick.rawValue, events: kickEvents, token: Token.receiveKick.rawValue) }
+        if let controlKick { try epoll.add(fd: controlKick.rawValue, events: kickEvents, token: Token.controlKick.rawValue) }
         if receive != nil || transmit != nil {
             try epoll.add(fd: backend.descriptor(queue: pair), events: receive != nil ? .readable : [], token: Token.backend.rawValue)
         }
@@ -82,6 +86,7 @@ final class QueuePairWorker: @unchecked Sendable {
         var waitingForBuffers = false
         var transmitBroken = false
         var receiveBroken = false
+        var controlBroken = false
         var backendInterest: Epoll.Events = receive != nil ? .readable : []
         let backendFD = backend.descriptor(queue: pair)
 
@@ -131,9 +136,24 @@ final class QueuePairWorker: @unchecked Sendable {
                 }
             }
 
-            if controlPending, let control {
+            if controlPending, let control, !controlBroken {
                 controlPending = false
-                if case .broken(let fault) = control.process() { onBroken(control.index, fault) }
+                control.disableNotifications()
+                passes: while true {
+                    switch control.process(budget: Self.budget) {
+                    case .idle:
+                        guard (try? control.enableNotifications()) == true else { break passes }
+                    case .budgetExhausted:
+                        controlPending = true
+                        break passes
+                    case .broken(let fault):
+                        controlBroken = true
+                        onBroken(control.index, fault)
+                        break passes
+                    case .blocked:
+                        break passes
+                    }
+                }
             }
 
             if transmitPending, let transmit, !transmitBlocked, !transmitBroken {

@@ -29,6 +29,11 @@ final class FilterCell: Sendable {
 /// can hold the largest frame that may arrive, so the read never needs to know the frame's size;
 /// chains a frame did not use stay cached for the next one. Only when the guest has posted too little
 /// for the largest frame does a frame land in a bounce buffer first, to be copied once it fits.
+///
+/// The cache is always the last chains popped, in ring order, and never spans more segments than one
+/// read takes: a chain that would pass that, or a bad chain behind cached ones, is put back and waits
+/// until the cache drains. So a stopped ring gives back exactly the cached chains, and a frame that
+/// cannot fit in what the cache can ever hold is dropped instead of waited for.
 final class ReceiveQueue: @unchecked Sendable {
     // One worker thread at a time owns an engine, so its state opts out of dynamic exclusivity
     // checks, which cost about a third of the per-frame instructions (measured with callgrind).
@@ -53,6 +58,8 @@ final class ReceiveQueue: @unchecked Sendable {
         var iovecEnd: Int
         var capacity: Int
     }
+    /// The cache's iovecs from `window`, then room for one more chain: at most `segmentLimit` live
+    /// ones (what one read takes), so compacting always makes room.
     @exclusivity(unchecked) private var iovecs: IOVecArray
     @exclusivity(unchecked) private var window = 0
     private let cache: UnsafeMutablePointer<CachedChain>
@@ -60,8 +67,13 @@ final class ReceiveQueue: @unchecked Sendable {
     @exclusivity(unchecked) private var cacheFirst = 0
     @exclusivity(unchecked) private var cacheCount = 0
     @exclusivity(unchecked) private var cachedBytes = 0
+    /// The next chain was put back (it would take the cache past one read's segments, or it is bad):
+    /// the cache cannot grow until a frame consumes some of it.
+    @exclusivity(unchecked) private var cacheClosed = false
+    private static let segmentLimit = SplitQueue.maximumSegmentsPerChain
 
     private let bounce: UnsafeMutableRawBufferPointer
+    private let bounceVector: UnsafeMutablePointer<iovec>
     @exclusivity(unchecked) private var bouncedLength = 0
 
     init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
@@ -81,13 +93,16 @@ final class ReceiveQueue: @unchecked Sendable {
         self.logger = logger
         self.cacheCapacity = Int(ring.size)
         self.cache = .allocate(capacity: cacheCapacity)
-        self.iovecs = IOVecArray(capacity: 4 * EngineLimits.maximumSegmentsPerFrame)
+        self.iovecs = IOVecArray(capacity: 4 * Self.segmentLimit)
         self.bounce = .allocate(byteCount: EngineLimits.largestReceiveFrame, alignment: 16)
+        self.bounceVector = .allocate(capacity: 1)
+        bounceVector.initialize(to: iovec(iov_base: bounce.baseAddress, iov_len: bounce.count))
     }
 
     deinit {
         cache.deallocate()
         bounce.deallocate()
+        bounceVector.deallocate()
     }
 
     /// The available index a restarted queue should resume from: chains cached but unused go back.
@@ -99,6 +114,7 @@ final class ReceiveQueue: @unchecked Sendable {
         cacheCount = 0
         cacheFirst = 0
         cachedBytes = 0
+        cacheClosed = false
         iovecs.removeAll()
         window = 0
         if bouncedLength > 0 {
@@ -107,7 +123,8 @@ final class ReceiveQueue: @unchecked Sendable {
         }
     }
 
-    /// Moves up to `budget` frames from the backend into the guest's buffers.
+    /// Moves up to `budget` frames from the backend into the guest's buffers; bad chains the guest
+    /// posted count against the budget too, so a pass always ends.
     func process<Backend: PacketBackend>(backend: Backend, budget: Int) -> QueuePassResult {
         refreshFilter()
         var unpublished = 0
@@ -116,19 +133,31 @@ final class ReceiveQueue: @unchecked Sendable {
         var result = QueuePassResult.budgetExhausted
         var handled = 0
         while handled < budget {
-            if case .broken(let fault) = refill(unpublished: &unpublished) {
-                result = .broken(fault)
-                break
+            switch refill(handled: &handled, budget: budget, unpublished: &unpublished) {
+            case .broken(let fault): result = .broken(fault)
+            case .budgetExhausted: result = .budgetExhausted
+            default: break
             }
+            if handled >= budget || result != .budgetExhausted { break }
+            // The cache holds all it ever can for the frame at its front: the guest posted everything,
+            // or the next chain waits behind the cache.
+            let cacheIsFinal = cacheClosed || cacheCount == cacheCapacity
             if bouncedLength > 0 {
                 // A frame waits for room; it is the next one the guest must see.
-                guard cachedBytes >= bouncedLength else { result = .blocked; break }
-                let length = bouncedLength
-                _ = IOVec.copyIn(UnsafeRawBufferPointer(rebasing: bounce[0..<length]), to: UnsafeBufferPointer(windowIOVecs(chains: cacheCount)), at: 0)
-                bouncedLength = 0
-                complete(length: length, unpublished: &unpublished)
-                frames += 1
-                bytes += length - VirtioNetHeader.size
+                if cachedBytes >= bouncedLength {
+                    let length = bouncedLength
+                    _ = IOVec.copyIn(UnsafeRawBufferPointer(rebasing: bounce[0..<length]), to: UnsafeBufferPointer(windowIOVecs(chains: cacheCount)), at: 0)
+                    bouncedLength = 0
+                    complete(length: length, unpublished: &unpublished)
+                    frames += 1
+                    bytes += length - VirtioNetHeader.size
+                } else if cacheIsFinal {
+                    counters.countDrop(.tooLarge)
+                    bouncedLength = 0
+                } else {
+                    result = .blocked
+                    break
+                }
                 handled += 1
             } else {
                 guard cacheCount > 0 else { result = .blocked; break }
@@ -137,7 +166,7 @@ final class ReceiveQueue: @unchecked Sendable {
                 if direct {
                     outcome = backend.receive(queue: backendQueue, into: UnsafeBufferPointer(windowIOVecs(chains: mergeable ? cacheCount : 1)))
                 } else {
-                    outcome = backend.receive(queue: backendQueue, into: UnsafeBufferPointer(bounceIOVec()))
+                    outcome = backend.receive(queue: backendQueue, into: UnsafeBufferPointer(start: bounceVector, count: 1))
                 }
                 switch outcome {
                 case .empty:
@@ -162,9 +191,10 @@ final class ReceiveQueue: @unchecked Sendable {
                         bytes += length - VirtioNetHeader.size
                     } else {
                         let fits = mergeable ? cachedBytes >= length : cache[cacheFirst].capacity >= length
-                        if fits || mergeable {
+                        if fits || (mergeable && !cacheIsFinal) {
                             // Delivered now if it fits, else as soon as the guest posts enough.
                             bouncedLength = length
+                            handled -= 1  // counted when delivered
                         } else {
                             counters.countDrop(.tooLarge)
                         }
@@ -183,33 +213,53 @@ final class ReceiveQueue: @unchecked Sendable {
     }
 
     /// Pops chains until the cache holds `targetCapacity` bytes (one chain without mergeable buffers
-    /// is enough if it is big enough) or the ring is empty.
-    private func refill(unpublished: inout Int) -> QueuePassResult {
-        while cacheCount < cacheCapacity {
+    /// is enough if it is big enough), the ring is empty, or the cache is closed. Bad chains are given
+    /// back as used with length 0 and count against the budget; behind cached chains they wait.
+    private func refill(handled: inout Int, budget: Int, unpublished: inout Int) -> QueuePassResult {
+        while cacheCount < cacheCapacity && !cacheClosed {
             if mergeable ? cachedBytes >= max(targetCapacity, bouncedLength) : cacheCount > 0 { break }
-            if iovecs.capacity - iovecs.count < EngineLimits.maximumSegmentsPerFrame {
-                guard compact() else { break }
-            }
+            guard handled < budget else { return .budgetExhausted }
+            if iovecs.capacity - iovecs.count < Self.segmentLimit { compact() }
             let start = iovecs.count
-            let chain: DescriptorChain
+            var refusal: String? = nil
+            var refusedHead: UInt16 = 0
+            var chain: DescriptorChain? = nil
             do throws(VirtqueueError) {
                 guard let popped = try ring.popChain(into: &iovecs) else { break }
-                chain = popped
+                if popped.readable.isEmpty, popped.writableLength >= UInt32(VirtioNetHeader.size) {
+                    chain = popped
+                } else {
+                    iovecs.count = start
+                    refusedHead = popped.head
+                    refusal = popped.readable.isEmpty ? "buffer shorter than the header" : "readable descriptor in a receive chain"
+                }
             } catch {
                 switch error {
                 case .badChain(let head, let fault):
-                    drop(head: head, fault)
-                    unpublished += 1
-                    continue
+                    refusedHead = head
+                    refusal = "\(fault)"
                 case .broken(let fault):
                     return .broken(fault)
                 }
             }
-            guard chain.readable.isEmpty, chain.writableLength >= UInt32(VirtioNetHeader.size) else {
-                iovecs.count = start
-                drop(head: chain.head, chain.readable.isEmpty ? "buffer shorter than the header" : "readable descriptor in a receive chain")
+            guard let chain else {
+                if cacheCount > 0 {
+                    // Used now, it would sit between cached chains that a stopped ring must give back.
+                    ring.undoPop(1)
+                    cacheClosed = true
+                    break
+                }
+                drop(head: refusedHead, refusal ?? "")
                 unpublished += 1
+                handled += 1
                 continue
+            }
+            if cacheCount > 0 && iovecs.count - window > Self.segmentLimit {
+                // One read could not reach this chain's buffers: it waits for the cache to drain.
+                iovecs.count = start
+                ring.undoPop(1)
+                cacheClosed = true
+                break
             }
             cache[(cacheFirst + cacheCount) % cacheCapacity] = CachedChain(head: chain.head, iovecEnd: iovecs.count, capacity: Int(chain.writableLength))
             cacheCount += 1
@@ -218,9 +268,9 @@ final class ReceiveQueue: @unchecked Sendable {
         return .idle
     }
 
-    /// Moves the live iovecs to the front of the array; false if there is no room to gain.
-    private func compact() -> Bool {
-        guard window > 0 else { return false }
+    /// Moves the live iovecs (at most `segmentLimit`) to the front of the array.
+    private func compact() {
+        guard window > 0 else { return }
         let live = iovecs.count - window
         iovecs.base.update(from: iovecs.base + window, count: live)
         for offset in 0..<cacheCount {
@@ -228,21 +278,12 @@ final class ReceiveQueue: @unchecked Sendable {
         }
         iovecs.count = live
         window = 0
-        return true
     }
 
-    /// The iovecs of the first `chains` cached chains, at most UIO_MAXIOV of them.
+    /// The iovecs of the first `chains` cached chains (never more than one read takes).
     private func windowIOVecs(chains: Int) -> UnsafeMutableBufferPointer<iovec> {
         let end = cache[(cacheFirst + chains - 1) % cacheCapacity].iovecEnd
-        let count = min(end - window, EngineLimits.maximumSegmentsPerFrame)
-        return iovecs.buffer(window..<window + count)
-    }
-
-    private func bounceIOVec() -> UnsafeMutableBufferPointer<iovec> {
-        // The iovec lives in the slot just past the live ones: free, since refill leaves room.
-        let slot = iovecs.base + iovecs.count
-        slot.pointee = iovec(iov_base: bounce.baseAddress, iov_len: bounce.count)
-        return UnsafeMutableBufferPointer(start: slot, count: 1)
+        return iovecs.buffer(window..<end)
     }
 
     /// Hands `length` bytes, already in the first cached chains, to the guest.
@@ -268,6 +309,7 @@ final class ReceiveQueue: @unchecked Sendable {
         window = cache[(cacheFirst + used - 1) % cacheCapacity].iovecEnd
         cacheFirst = (cacheFirst + used) % cacheCapacity
         cacheCount -= used
+        cacheClosed = false
         if cacheCount == 0 {
             iovecs.removeAll()
             window = 0

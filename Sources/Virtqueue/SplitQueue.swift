@@ -37,6 +37,8 @@ public struct SplitQueue: @unchecked Sendable {
     public static let maximumSize = 32768
     /// A hard ceiling on one chain's bytes whatever the configuration: no frame comes near it.
     public static let defaultMaximumChainLength: UInt32 = 1 << 20
+    /// The most memory segments one chain may have: what one readv or writev takes (UIO_MAXIOV).
+    public static let maximumSegmentsPerChain = 1024
 
     public let size: UInt16
     public let features: RingFeatures
@@ -110,6 +112,7 @@ public struct SplitQueue: @unchecked Sendable {
     }
 
     /// Takes the next available chain and appends its buffers to `iovecs`. Nil when none is available.
+    /// A chain has at most `maximumSegmentsPerChain` segments; `iovecs` needs that much room to take any.
     ///
     /// On `.badChain`, the chain has been consumed and nothing was appended: give it back with
     /// `addUsed(head:length: 0)`. On `.broken`, nothing was consumed.
@@ -188,6 +191,8 @@ public struct SplitQueue: @unchecked Sendable {
             } catch .tooManySegments {
                 throw .tooManySegments
             } catch { throw .memory(error) }
+            // One readv or writev takes no more; a longer chain could never be handed over whole.
+            guard iovecs.count - start <= Self.maximumSegmentsPerChain else { throw .tooManySegments }
 
             guard flags & DescriptorFlags.next != 0 else { break }
             guard Int(next) < tableEntries else { throw .nextOutOfRange(next) }

@@ -20,7 +20,8 @@ public enum ChainFault: Error, Equatable, Sendable, CustomStringConvertible {
     case indirectNotNegotiated
     /// A buffer (or indirect table) outside guest memory.
     case memory(GuestMemoryError)
-    /// More memory segments than a frame may have.
+    /// More memory segments than one chain may have (`SplitQueue.maximumSegmentsPerChain`), or than
+    /// the caller's iovec array has room for.
     case tooManySegments
 
     public var description: String {

@@ -43,6 +43,17 @@ struct WorkerTests {
         #expect(device.activeQueuePairs == 2)
     }
 
+    @Test("With event idx, every control command is answered, not only the first (the worker asks for the next kick)")
+    func controlCommandsInARowWithEventIndex() throws {
+        let (device, driver, _) = try makeLoopbackDevice(queuePairs: 2, threaded: true)
+        defer { device.reset() }
+        #expect(driver.features.contains(.eventIndex))
+        for pairs in [2, 1, 2, 1] {
+            #expect(driver.control(class: 4, command: 0, data: [UInt8(pairs), 0]) == 0)
+            #expect(device.activeQueuePairs == pairs)
+        }
+    }
+
     @Test("Reset stops the workers and reports queue positions; the device can be activated again")
     func resetStopsWorkers() throws {
         let (device, driver, _) = try makeLoopbackDevice(threaded: true)

@@ -18,6 +18,7 @@ extern const unsigned int CVS_MFD_CLOEXEC;
 extern const unsigned int CVS_MFD_ALLOW_SEALING;
 extern const int CVS_EFD_CLOEXEC;
 extern const int CVS_EFD_NONBLOCK;
+extern const int CVS_EFD_SEMAPHORE;
 
 // Ring indices in guest memory are shared with another agent: acquire loads, release stores and a
 // full fence where the virtio spec asks for one. Plain C11 atomics on raw addresses.
