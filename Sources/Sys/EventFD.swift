@@ -30,8 +30,25 @@ public final class EventFD: Sendable {
         guard length > 0, String(decoding: target[0..<length], as: UTF8.self) == "anon_inode:[eventfd]" else {
             throw SystemError(call: "adopt eventfd: the descriptor is not an eventfd", code: EINVAL)
         }
+        // A semaphore eventfd gives back one unit per read, so a huge count would keep it readable.
+        if Self.isSemaphore(fd.rawValue) {
+            throw SystemError(call: "adopt eventfd: the eventfd is in semaphore mode", code: EINVAL)
+        }
         try fd.setNonBlocking(true)
         descriptor = fd
+    }
+
+    /// Whether /proc says `fd` is an eventfd in semaphore mode (kernels since 6.3 show it).
+    static func isSemaphore(_ fd: Int32) -> Bool {
+        let file = fopen("/proc/self/fdinfo/\(fd)", "re")
+        guard let file else { return false }
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), file) != nil {
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if text.hasPrefix("eventfd-semaphore:") { return text.dropFirst("eventfd-semaphore:".count).contains("1") }
+        }
+        return false
     }
 
     /// Adds one to the counter, waking a waiter. A full counter already wakes it, so EAGAIN is fine.

@@ -172,6 +172,11 @@ let validationCases: [ValidationCase] = [
         c.frontend.close()
         c.expectProbesClosed()
     },
+    ValidationCase("SET_VRING_KICK with an eventfd in semaphore mode (a read takes one unit: it would stay readable)", .memory) { c in
+        let kick = try EventFD(semaphore: true)
+        #expect(isErrorAck(c.send(.setVringKick, payload: LE.u64(0), fds: [kick.rawValue])))
+        #expect(isErrorAck(c.send(.setVringCall, payload: LE.u64(0), fds: [kick.rawValue])), "nor as a call eventfd")
+    },
     ValidationCase("SET_VRING_CALL with unknown bits", .memory) { c in
         let probe = try c.probe()
         #expect(isErrorAck(c.send(.setVringCall, payload: LE.u64(0x200), fds: [probe.rawValue])))
