@@ -316,8 +316,10 @@ public final class VhostUserBackend {
 
         case .sendRARP:
             try expectFDs(0)
-            let mac = MACAddress(Array(try u64ToBytes(u64()).prefix(6)))!
-            announce(mac)
+            guard let mac = MACAddress(Array(try u64ToBytes(u64()).prefix(6))) else {
+                throw VhostUserError("SEND_RARP without a MAC address")
+            }
+            device.announce(mac: mac)
             return nil
 
         case .setStatus:
@@ -444,23 +446,5 @@ public final class VhostUserBackend {
         }
         running = ready
         logger.info("rings running", metadata: ["rings": "\(ready.sorted())"])
-    }
-
-    // MARK: RARP
-
-    /// Sends a RARP announcement for `mac` out of the backend, as QEMU's self-announce does, so
-    /// switches learn where the guest is after a migration.
-    private func announce(_ mac: MACAddress) {
-        var frame = MACAddress.broadcast.array + mac.array + [0x80, 0x35]  // RARP
-        frame += [0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x03]  // Ethernet, IPv4, request reverse
-        frame += mac.array + [0, 0, 0, 0] + mac.array + [0, 0, 0, 0]
-        frame += [UInt8](repeating: 0, count: 60 - frame.count)
-        let bytes = VirtioNetHeader().bytes + frame
-        bytes.withUnsafeBytes { buffer in
-            var vector = iovec(iov_base: UnsafeMutableRawPointer(mutating: buffer.baseAddress), iov_len: buffer.count)
-            withUnsafePointer(to: &vector) { pointer in
-                _ = device.backend.transmit(queue: 0, frame: UnsafeBufferPointer(start: pointer, count: 1))
-            }
-        }
     }
 }

@@ -58,10 +58,13 @@ final class ActiveQueues: @unchecked Sendable {
     var errors: [Int: EventFD] = [:]
     var workers: [QueuePairWorker] = []
     let controlIndex: Int
+    /// Frames to announce the device with, sent by whoever owns queue pair 0 (its worker, or poll()).
+    let announcements: Announcements
 
-    init(memory: GuestMemory, pairs: Int, controlIndex: Int) {
+    init(memory: GuestMemory, pairs: Int, controlIndex: Int, announcements: Announcements) {
         self.memory = memory
         self.controlIndex = controlIndex
+        self.announcements = announcements
         receive = Array(repeating: nil, count: pairs)
         transmit = Array(repeating: nil, count: pairs)
     }
@@ -199,7 +202,9 @@ public final class NetDevice: Sendable {
         let ringFeatures = RingFeatures(
             eventIndex: features.contains(.eventIndex), indirectDescriptors: features.contains(.indirectDescriptors)
         )
-        let active = ActiveQueues(memory: memory, pairs: pairs, controlIndex: controlIndex)
+        let announcements: Announcements
+        do { announcements = try Announcements() } catch { throw .backend("cannot create the announcement eventfd: \(error)") }
+        let active = ActiveQueues(memory: memory, pairs: pairs, controlIndex: controlIndex, announcements: announcements)
         let mtu = self.mtu
         var seen = Set<Int>()
         for queue in queues {
@@ -267,7 +272,8 @@ public final class NetDevice: Sendable {
                 pair: pair, receive: active.receive[pair], transmit: active.transmit[pair], control: control,
                 receiveKick: active.kicks[2 * pair], transmitKick: active.kicks[2 * pair + 1],
                 controlKick: control.flatMap { active.kicks[$0.index] },
-                counters: queuePairCounters[pair], controlCounters: controlCounters, backend: backend,
+                counters: queuePairCounters[pair], controlCounters: controlCounters,
+                announcements: pair == 0 ? active.announcements : nil, backend: backend,
                 onBroken: { [weak self] queue, fault in self?.markBroken(queue: queue, fault) },
                 logger: logger
             )
@@ -310,6 +316,24 @@ public final class NetDevice: Sendable {
         return states.sorted { $0.index < $1.index }
     }
 
+    /// Announces the guest at `mac` out of the backend (a RARP request, as after a live migration),
+    /// so that bridges and switches learn its new port. The frame goes out on queue pair 0 from the
+    /// thread that owns that queue: its worker, the next `poll()` in manual mode, or this thread when
+    /// the device is not running.
+    public func announce(mac: MACAddress) {
+        let frame = Announcements.reverseARP(for: mac)
+        state.withLock { state in
+            if let active = state.active, active.receive[0] != nil || active.transmit[0] != nil || active.control != nil {
+                active.announcements.post(frame)
+            } else {
+                // No worker owns queue 0, and activation waits for this lock.
+                let announcements = try? Announcements()
+                announcements?.post(frame)
+                announcements?.send(through: backend, queue: 0)
+            }
+        }
+    }
+
     /// The receive filter as the control queue last set it.
     public var receiveFilter: ReceiveFilter { filterCell.current.filter }
     /// Queue pairs the driver enabled with VQ_PAIRS_SET (1 until it does).
@@ -328,6 +352,7 @@ public final class NetDevice: Sendable {
         for (index, kick) in active.kicks {
             if (try? kick.drain()) != nil { countKick(queue: index, controlIndex: active.controlIndex) }
         }
+        active.announcements.send(through: backend, queue: 0)
         var healthy = true
         var progress = true
         var rounds = 0

@@ -22,6 +22,7 @@ final class QueuePairWorker: @unchecked Sendable {
     private let counters: QueuePairCounters
     private let controlCounters: QueueCounters
     private let backend: any PacketBackend
+    private let announcements: Announcements?
     private let onBroken: @Sendable (Int, QueueFault) -> Void
     private let logger: Logger
     private let stopSignal: EventFD
@@ -29,14 +30,14 @@ final class QueuePairWorker: @unchecked Sendable {
     private var thread: WorkerThread?
 
     private enum Token: UInt64 {
-        case stop, transmitKick, receiveKick, backend, controlKick
+        case stop, transmitKick, receiveKick, backend, controlKick, announce
     }
     /// Frames per queue per wake-up before the other direction gets its turn.
     static let budget = 256
 
     init(pair: Int, receive: ReceiveQueue?, transmit: TransmitQueue?, control: ControlQueueEngine?,
          receiveKick: EventFD?, transmitKick: EventFD?, controlKick: EventFD?,
-         counters: QueuePairCounters, controlCounters: QueueCounters, backend: any PacketBackend,
+         counters: QueuePairCounters, controlCounters: QueueCounters, announcements: Announcements?, backend: any PacketBackend,
          onBroken: @escaping @Sendable (Int, QueueFault) -> Void, logger: Logger) throws(SystemError) {
         self.pair = pair
         self.receive = receive
@@ -48,6 +49,7 @@ final class QueuePairWorker: @unchecked Sendable {
         self.counters = counters
         self.controlCounters = controlCounters
         self.backend = backend
+        self.announcements = announcements
         self.onBroken = onBroken
         self.logger = logger
         stopSignal = try EventFD()
@@ -60,6 +62,7 @@ final class QueuePairWorker: @unchecked Sendable {
         if let transmitKick { try epoll.add(fd: transmitKick.rawValue, events: kickEvents, token: Token.transmitKick.rawValue) }
         if let receiveKick { try epoll.add(fd: receiveKick.rawValue, events: kickEvents, token: Token.receiveKick.rawValue) }
         if let controlKick { try epoll.add(fd: controlKick.rawValue, events: kickEvents, token: Token.controlKick.rawValue) }
+        if let announcements { try epoll.add(fd: announcements.signal.rawValue, events: .readable, token: Token.announce.rawValue) }
         if receive != nil || transmit != nil {
             try epoll.add(fd: backend.descriptor(queue: pair), events: receive != nil ? .readable : [], token: Token.backend.rawValue)
         }
@@ -87,6 +90,7 @@ final class QueuePairWorker: @unchecked Sendable {
         var transmitBroken = false
         var receiveBroken = false
         var controlBroken = false
+        var announcePending = false
         var backendInterest: Epoll.Events = receive != nil ? .readable : []
         let backendFD = backend.descriptor(queue: pair)
 
@@ -131,8 +135,19 @@ final class QueuePairWorker: @unchecked Sendable {
                         transmitBroken = true
                         receiveBroken = true
                     }
+                case .announce:
+                    announcePending = true
                 case nil:
                     break
+                }
+            }
+
+            if announcePending, let announcements, !transmitBlocked, !transmitBroken {
+                // Before the guest's frames, as QEMU sends its announcement ahead of traffic.
+                announcePending = false
+                if !announcements.send(through: backend, queue: pair) {
+                    announcePending = true
+                    transmitBlocked = true
                 }
             }
 

@@ -172,6 +172,23 @@ struct VhostUserRingTests {
         }
     }
 
+    @Test("SEND_RARP's frame is sent by the worker that owns queue pair 0, never by the connection thread")
+    func sendRARPFromTheOwningWorker() throws {
+        let directory = try TemporaryDirectory()
+        defer { directory.remove() }
+        let backend = try SenderRecordingBackend()
+        let device = try NetDevice(configuration: NetConfiguration(mac: deviceMAC), backend: backend, logger: quietLogger)
+        let service = try VhostUserService(path: directory.path + "/vhost.sock", mode: .server, device: device, logger: quietLogger)
+        try service.start()
+        defer { service.stop() }
+        let frontend = try Frontend.connect(path: service.path)
+        let guest = try frontend.negotiate(memory: try SimulatedGuestMemory())
+        guest.postReceiveBuffers(count: 2)
+        try frontend.call(.sendRARP, payload: deviceMAC.array + [0, 0])
+        #expect(guest.receive(count: 1).first.map { Array($0[12..<14]) } == [0x80, 0x35], "RARP")
+        #expect(backend.senders == ["vnet-qp0"])
+    }
+
     @Test("ADD_MEM_REG adds a region the rings use at once; REM_MEM_REG removes it and traffic continues")
     func addAndRemoveMemoryRegion() throws {
         let served = try ServedDevice()
@@ -389,3 +406,4 @@ func mappings(of name: String) -> Int {
     guard let maps = try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8) else { return -1 }
     return maps.split(separator: "\n").filter { $0.contains(name + " ") || $0.hasSuffix(name) }.count
 }
+

@@ -104,3 +104,36 @@ struct WorkerTests {
         #expect(device.needsReset)
     }
 }
+
+@Suite("Announcements go out from the thread that owns queue pair 0")
+struct AnnouncementTests {
+    @Test("announce(mac:) from another thread: the RARP frame is sent by the pair-0 worker, in front of the guest's frames")
+    func announcementIsSentByTheWorker() throws {
+        let backend = try SenderRecordingBackend()
+        let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC), backend: backend)
+        let driver = try SimulatedNetDriver(device: device, threaded: true)
+        defer { device.reset() }
+        driver.postReceiveBuffers(count: 8)
+        let mac = MACAddress(0x52, 0x54, 0x00, 0xab, 0xcd, 0xef)
+        device.announce(mac: mac)
+        let frames = driver.receive(count: 1)
+        #expect(frames.count == 1)
+        #expect(frames.first.map { Array($0.frame[6..<14]) } == mac.array + [0x80, 0x35], "a RARP from the announced MAC")
+        #expect(backend.senders == ["vnet-qp0"])
+    }
+
+    @Test("Without running queues the announcement goes out at once; in manual mode with the next poll()")
+    func announcementWithoutWorkers() throws {
+        let backend = try SenderRecordingBackend()
+        let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC), backend: backend)
+        device.announce(mac: guestMAC)
+        #expect(backend.inner.pendingFrames(queue: 0) == 1)
+        _ = backend.inner.drain(queue: 0)
+        let driver = try SimulatedNetDriver(device: device)
+        driver.drive = { _ in }
+        device.announce(mac: guestMAC)
+        #expect(backend.inner.pendingFrames(queue: 0) == 0)
+        device.poll()
+        #expect(backend.inner.pendingFrames(queue: 0) == 1)
+    }
+}
