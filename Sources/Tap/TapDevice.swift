@@ -33,6 +33,8 @@ public final class TapDevice: Sendable {
     public var queueCount: Int { queues.count }
 
     private let queues: [Descriptor]
+    /// One per queue, used by that queue's worker only.
+    private let writers: [BurstWriter]
     /// A datagram socket opened in the TAP's network namespace, for the interface ioctls: a socket
     /// opened later by another thread could sit in a different namespace and find another interface.
     private let control: Descriptor
@@ -54,6 +56,7 @@ public final class TapDevice: Sendable {
         self.isMultiQueue = isMultiQueue
         self.vnetHeaderSize = vnetHeaderSize
         self.queues = queues
+        self.writers = queues.map { BurstWriter(fd: $0.rawValue) }
         self.control = control
         self.state = Mutex(State(offloads: [], enabled: Array(repeating: true, count: queues.count)))
     }
@@ -152,6 +155,14 @@ public final class TapDevice: Sendable {
         return true
     }
 
+    /// A one-queue device over a descriptor that stands in for a TAP's queue (a socket, say), for
+    /// tests of what sits above it: reads, writes and bursts go to it; interface settings fail.
+    package static func standIn(name: String, queue: consuming OwnedFileDescriptor) throws(TapError) -> TapDevice {
+        let control = try openControlSocket(device: name)
+        return TapDevice(name: name, createdByUs: false, isMultiQueue: false, vnetHeaderSize: 12,
+                         queues: [Descriptor(queue)], control: control)
+    }
+
     // MARK: Queues
 
     /// The non-blocking descriptor of `queue` (0..<``queueCount``), for epoll. Owned by the device.
@@ -190,6 +201,7 @@ public final class TapDevice: Sendable {
     public func setOffloads(_ offloads: TapOffloads) throws(TapError) {
         let fd = offloadFD
         try state.withLock { (state: inout State) throws(TapError) in
+            if state.offloads == offloads { return }
             _ = try Self.call(name, "ioctl(TUNSETOFFLOAD)") { cvs_tap_set_offload(fd, offloads.rawValue) }
             state.offloads = offloads
         }
@@ -292,6 +304,13 @@ public final class TapDevice: Sendable {
         } catch {
             throw .system(device: name, error)
         }
+    }
+
+    /// Writes a burst of frames to `queue`, in order, in as few system calls as the kernel allows (see
+    /// ``BurstWriter``), reporting each frame's result: the bytes written or -errno. Returns how many
+    /// frames were attempted.
+    public func write(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, report: (_ index: Int, _ result: Int) -> Void) -> Int {
+        writers[queue].write(frames, report: report)
     }
 
     /// Reads one frame (vnet header first) from `queue` into `iovecs` with readv.

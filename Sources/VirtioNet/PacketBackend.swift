@@ -59,17 +59,6 @@ public protocol PacketBackend: AnyObject, Sendable {
     func descriptor(queue: Int) -> Int32
 }
 
-/// One frame of a burst: its iovecs (header first).
-public struct FrameSlice: @unchecked Sendable {
-    public var iovecs: UnsafePointer<iovec>
-    public var count: Int
-    public init(iovecs: UnsafePointer<iovec>, count: Int) {
-        self.iovecs = iovecs
-        self.count = count
-    }
-    @inlinable public var buffer: UnsafeBufferPointer<iovec> { UnsafeBufferPointer(start: iovecs, count: count) }
-}
-
 extension PacketBackend {
     public func setMTU(_ mtu: Int) throws(BackendError) {}
 

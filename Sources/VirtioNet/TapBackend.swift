@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CVirtioShim
+import Sys
 import Tap
 
 /// The production backend: a TAP interface with one queue per queue pair. Guest buffers go to and
@@ -11,10 +11,6 @@ public final class TapBackend: PacketBackend {
     public let receiveOffloads: OffloadSet
     public let transmitOffloads: OffloadSet
     public var queuePairs: Int { tap.queueCount }
-    /// One io_uring per queue, made by the queue's worker on first use; nil if io_uring is unavailable
-    /// (or disabled with VIRTIO_NET_IO_URING=0), in which case bursts go out with one writev each.
-    private let urings: [UringSlot]
-    fileprivate static let uringAllowed = getenv("VIRTIO_NET_IO_URING").map { String(cString: $0) != "0" } ?? true
 
     /// Wraps an open TAP and probes which offloads its kernel supports.
     public init(tap: TapDevice) {
@@ -33,7 +29,6 @@ public final class TapBackend: PacketBackend {
         var transmit: OffloadSet = [.csum, .tso4, .tso6, .ecn, .ufo]
         if receive.contains(.uso) { transmit.insert(.uso) }
         transmitOffloads = transmit
-        urings = (0..<tap.queueCount).map { _ in UringSlot() }
     }
 
     /// Opens (creating or attaching) the TAP `name` with `queuePairs` queues.
@@ -94,44 +89,19 @@ public final class TapBackend: PacketBackend {
 
     public func descriptor(queue: Int) -> Int32 { tap.fd(queue: queue) }
 
-    /// A burst goes to the kernel as one io_uring submission of writevs (one system call instead of
-    /// one per frame). TAP writes do not block, so an EAGAIN here is counted as a drop.
+    /// A burst goes to the TAP in as few system calls as the kernel allows (one io_uring submission).
     public func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
-        let fd = tap.fd(queue: queue)
-        guard frames.count > 1, let ring = urings[queue].ring(entries: 256, file: fd) else {
-            return transmitEach(queue: queue, frames: frames, outcomes: outcomes)
-        }
-        // The guest wrote these frames on another core: asking for all their first lines now lets
-        // the misses overlap, instead of the kernel's copy waiting on each frame in turn.
-        for frame in frames {
-            cvs_prefetch_iovecs(frame.iovecs, UInt32(truncatingIfNeeded: frame.count), 256)
-        }
-        for (index, frame) in frames.enumerated() {
-            _ = cvs_uring_prep_writev(ring, fd, frame.iovecs, UInt32(truncatingIfNeeded: frame.count), UInt64(index))
-        }
-        var completed = 0
-        var wait = UInt32(frames.count)
-        while completed < frames.count {
-            if cvs_uring_submit_and_wait(ring, wait) < 0 {
-                // The ring failed as a whole (not a frame): the frames not completed are dropped.
-                let code = Glibc.errno
-                for index in 0..<frames.count where !urings[queue].isDone(index) { outcomes[index] = .dropped(errno: code) }
-                urings[queue].resetDone()
-                return frames.count
+        var lastWouldBlock = -1
+        let attempted = tap.write(queue: queue, frames: frames) { index, result in
+            if result >= 0 {
+                outcomes[index] = .sent
+            } else {
+                outcomes[index] = .dropped(errno: Int32(truncatingIfNeeded: -result))
+                if result == -Int(EAGAIN) { lastWouldBlock = index }
             }
-            var userData: UInt64 = 0
-            var result: Int32 = 0
-            while cvs_uring_next_completion(ring, &userData, &result) == 1 {
-                let index = Int(truncatingIfNeeded: userData)
-                guard index >= 0, index < frames.count else { continue }
-                outcomes[index] = result >= 0 ? .sent : .dropped(errno: -result)
-                urings[queue].markDone(index)
-                completed += 1
-            }
-            wait = UInt32(frames.count - completed)
         }
-        urings[queue].resetDone()
-        return frames.count
+        if lastWouldBlock >= 0 && lastWouldBlock == attempted - 1 { outcomes[lastWouldBlock] = .wouldBlock }
+        return attempted
     }
 
     @usableFromInline
@@ -139,35 +109,4 @@ public final class TapBackend: PacketBackend {
         if case .system(_, let system) = error { return system.errno.rawValue }
         return EIO
     }
-}
-
-/// A lazily created io_uring, used by one worker at a time.
-final class UringSlot: @unchecked Sendable {
-    private var pointer: OpaquePointer?
-    private var unavailable = false
-    /// Which frames of the current burst have completed (at most 64 per burst).
-    private var done: UInt64 = 0
-
-    /// The ring, created on first use with `file` (the queue's TAP fd) registered as its fixed file.
-    func ring(entries: UInt32, file: Int32) -> OpaquePointer? {
-        if let pointer { return pointer }
-        guard !unavailable, TapBackend.uringEnabled else { return nil }
-        pointer = cvs_uring_create(entries)
-        unavailable = pointer == nil
-        // Without the registration requests still work, through the ordinary file lookup.
-        if let pointer { _ = cvs_uring_register_file(pointer, file) }
-        return pointer
-    }
-
-    func markDone(_ index: Int) { if index < 64 { done |= 1 << UInt64(index) } }
-    func isDone(_ index: Int) -> Bool { index < 64 && done & (1 << UInt64(index)) != 0 }
-    func resetDone() { done = 0 }
-
-    deinit {
-        if let pointer { cvs_uring_destroy(pointer) }
-    }
-}
-
-extension TapBackend {
-    static var uringEnabled: Bool { uringAllowed }
 }
