@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "CVirtioShimUring.h"
 #include <errno.h>
+#include <linux/fs.h>
 #include <linux/io_uring.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,7 +82,7 @@ void cvs_uring_destroy(cvs_uring *ring) {
     free(ring);
 }
 
-static int prep(cvs_uring *ring, int op, int fd, const struct iovec *iov, unsigned count, uint64_t user_data) {
+static int prep(cvs_uring *ring, int op, int fd, const struct iovec *iov, unsigned count, uint64_t user_data, int link) {
     unsigned head = __atomic_load_n(ring->sq_head, __ATOMIC_ACQUIRE);
     unsigned tail = *ring->sq_tail + ring->pending;
     if (tail - head > *ring->sq_mask) return -1;
@@ -104,18 +105,20 @@ static int prep(cvs_uring *ring, int op, int fd, const struct iovec *iov, unsign
         sqe->addr = (uint64_t)(uintptr_t)iov;
         sqe->len = count;
     }
+    if (op == IORING_OP_WRITEV) sqe->rw_flags = RWF_NOWAIT;
+    if (link) sqe->flags |= IOSQE_IO_LINK;
     sqe->user_data = user_data;
     ring->sq_array[index] = index;
     ring->pending++;
     return 0;
 }
 
-int cvs_uring_prep_writev(cvs_uring *ring, int fd, const struct iovec *iov, unsigned count, uint64_t user_data) {
-    return prep(ring, IORING_OP_WRITEV, fd, iov, count, user_data);
+int cvs_uring_prep_writev(cvs_uring *ring, int fd, const struct iovec *iov, unsigned count, uint64_t user_data, int link) {
+    return prep(ring, IORING_OP_WRITEV, fd, iov, count, user_data, link);
 }
 
 int cvs_uring_prep_readv(cvs_uring *ring, int fd, const struct iovec *iov, unsigned count, uint64_t user_data) {
-    return prep(ring, IORING_OP_READV, fd, iov, count, user_data);
+    return prep(ring, IORING_OP_READV, fd, iov, count, user_data, 0);
 }
 
 int cvs_uring_submit_and_wait(cvs_uring *ring, unsigned wait) {

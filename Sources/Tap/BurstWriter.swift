@@ -31,8 +31,12 @@ public final class BurstWriter: @unchecked Sendable {
         if let ring { cvs_uring_destroy(ring) }
     }
 
-    /// Writes `frames` (at most `maximumBurst`) in order and reports each frame's outcome with
-    /// `report(index, result)`: the bytes written, or -errno. Returns how many frames were attempted.
+    /// Writes `frames` (at most `maximumBurst`) in order and reports each attempted frame's outcome
+    /// with `report(index, result)`: the bytes written, or -errno. It stops at the first frame that
+    /// fails: the frames after it are neither written nor reported. Returns how many were attempted.
+    ///
+    /// One contract for both ways of writing: a frame the descriptor cannot take now is -EAGAIN
+    /// (wait until it is writable, then write it and those after it again).
     public func write(_ frames: UnsafeBufferPointer<FrameSlice>, report: (_ index: Int, _ result: Int) -> Void) -> Int {
         let count = min(frames.count, Self.maximumBurst)
         guard count > 1, let ring = uring() else { return writeEach(UnsafeBufferPointer(rebasing: frames[0..<count]), report: report) }
@@ -41,10 +45,12 @@ public final class BurstWriter: @unchecked Sendable {
         for frame in frames.prefix(count) {
             cvs_prefetch_iovecs(frame.iovecs, UInt32(truncatingIfNeeded: frame.count), 256)
         }
+        // Linked: in order, and a failure cancels the rest (reported -ECANCELED, not attempted).
         for (index, frame) in frames.prefix(count).enumerated() {
-            _ = cvs_uring_prep_writev(ring, fd, frame.iovecs, UInt32(truncatingIfNeeded: frame.count), UInt64(index))
+            _ = cvs_uring_prep_writev(ring, fd, frame.iovecs, UInt32(truncatingIfNeeded: frame.count), UInt64(index), index < count - 1 ? 1 : 0)
         }
         var completed = 0
+        var attempted = count
         var wait = UInt32(count)
         while completed < count {
             if cvs_uring_submit_and_wait(ring, wait) < 0 {
@@ -59,17 +65,22 @@ public final class BurstWriter: @unchecked Sendable {
             while cvs_uring_next_completion(ring, &userData, &result) == 1 {
                 let index = Int(truncatingIfNeeded: userData)
                 guard index >= 0, index < count else { continue }
-                report(index, Int(result))
                 done |= 1 << UInt64(index)
                 completed += 1
+                if result == -ECANCELED {
+                    attempted = min(attempted, index)
+                } else {
+                    report(index, Int(result))
+                    if result < 0 { attempted = min(attempted, index + 1) }
+                }
             }
             wait = UInt32(count - completed)
         }
         done = 0
-        return count
+        return attempted
     }
 
-    /// One writev per frame, stopping after the first that would block.
+    /// One writev per frame, stopping after the first that fails.
     private func writeEach(_ frames: UnsafeBufferPointer<FrameSlice>, report: (Int, Int) -> Void) -> Int {
         for (index, frame) in frames.enumerated() {
             let written: Int?
@@ -79,7 +90,7 @@ public final class BurstWriter: @unchecked Sendable {
                 }
             } catch {
                 report(index, -Int(error.errno.rawValue))
-                continue
+                return index + 1
             }
             guard let written else {
                 report(index, -Int(EAGAIN))

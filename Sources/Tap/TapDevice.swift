@@ -307,8 +307,9 @@ public final class TapDevice: Sendable {
     }
 
     /// Writes a burst of frames to `queue`, in order, in as few system calls as the kernel allows (see
-    /// ``BurstWriter``), reporting each frame's result: the bytes written or -errno. Returns how many
-    /// frames were attempted.
+    /// ``BurstWriter``), reporting each attempted frame's result: the bytes written or -errno. Stops at
+    /// the first frame that fails (-EAGAIN: the queue is full; wait until ``fd(queue:)`` is writable).
+    /// Returns how many frames were attempted.
     public func write(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, report: (_ index: Int, _ result: Int) -> Void) -> Int {
         writers[queue].write(frames, report: report)
     }

@@ -50,8 +50,9 @@ public protocol PacketBackend: AnyObject, Sendable {
     /// Sends one frame described by `frame` (header included).
     func transmit(queue: Int, frame: UnsafeBufferPointer<iovec>) -> TransmitOutcome
     /// Sends a burst of frames in order, as few system calls as the backend can; fills one outcome per
-    /// frame attempted and returns how many were attempted. It stops after the first `wouldBlock`, so
-    /// the frames after it are untouched (the default does this with `transmit(queue:frame:)`).
+    /// frame attempted and returns how many were attempted. It stops after the first `wouldBlock` (and
+    /// may stop after a `dropped` one), so the frames after it are untouched and go again with the
+    /// next burst (the default does this with `transmit(queue:frame:)`).
     func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int
     /// Receives one frame into `buffers` (header first).
     func receive(queue: Int, into buffers: UnsafeBufferPointer<iovec>) -> ReceiveOutcome

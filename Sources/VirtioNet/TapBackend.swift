@@ -89,19 +89,19 @@ public final class TapBackend: PacketBackend {
 
     public func descriptor(queue: Int) -> Int32 { tap.fd(queue: queue) }
 
-    /// A burst goes to the TAP in as few system calls as the kernel allows (one io_uring submission).
+    /// A burst goes to the TAP in order, in as few system calls as the kernel allows (one io_uring
+    /// submission), and stops at the first frame that fails: one the TAP cannot take now is
+    /// `wouldBlock`, one the kernel refuses is `dropped`; the frames after it are not attempted.
     public func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
-        var lastWouldBlock = -1
-        let attempted = tap.write(queue: queue, frames: frames) { index, result in
+        tap.write(queue: queue, frames: frames) { index, result in
             if result >= 0 {
                 outcomes[index] = .sent
+            } else if result == -Int(EAGAIN) {
+                outcomes[index] = .wouldBlock
             } else {
                 outcomes[index] = .dropped(errno: Int32(truncatingIfNeeded: -result))
-                if result == -Int(EAGAIN) { lastWouldBlock = index }
             }
         }
-        if lastWouldBlock >= 0 && lastWouldBlock == attempted - 1 { outcomes[lastWouldBlock] = .wouldBlock }
-        return attempted
     }
 
     @usableFromInline

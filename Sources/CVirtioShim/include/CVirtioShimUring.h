@@ -15,8 +15,11 @@ void cvs_uring_destroy(cvs_uring *ring);
 // 0, or -1 with errno set. The ring drops it when destroyed.
 int cvs_uring_register_file(cvs_uring *ring, int fd);
 // Queues a writev (or readv) of `iov` on `fd` (a plain write or read for one segment); -1 when the
-// submission queue is full.
-int cvs_uring_prep_writev(cvs_uring *ring, int fd, const struct iovec *iov, unsigned count, uint64_t user_data);
+// submission queue is full. Writes never wait: one the file cannot take now completes with -EAGAIN
+// (RWF_NOWAIT) instead of being retried by the kernel later, out of order. With `link`, the next
+// request queued runs only if this one succeeds (IOSQE_IO_LINK): after a failure the rest of the
+// link completes with -ECANCELED, untouched.
+int cvs_uring_prep_writev(cvs_uring *ring, int fd, const struct iovec *iov, unsigned count, uint64_t user_data, int link);
 int cvs_uring_prep_readv(cvs_uring *ring, int fd, const struct iovec *iov, unsigned count, uint64_t user_data);
 // Submits what was queued and waits until `wait` completions are ready; the submitted count, or -1.
 int cvs_uring_submit_and_wait(cvs_uring *ring, unsigned wait);
