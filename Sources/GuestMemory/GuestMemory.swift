@@ -34,32 +34,47 @@ public struct GuestMemoryRegion: @unchecked Sendable {
     @usableFromInline let userStart: UInt64
     @usableFromInline let userEnd: UInt64
 
-    /// Maps `description` from `fd`; the fd may be closed afterwards.
+    /// Maps the part of `fd` that `description` covers (from `mmapOffset`, `size` bytes, widened to
+    /// the file's page size); the fd may be closed afterwards. The mapping is guarded: if the file
+    /// shrinks later, accesses past its end read zeros and count as `faults` instead of killing the
+    /// process (SIGBUS).
     public init(description: MemoryRegionDescription, fd: Int32) throws(GuestMemoryError) {
         guard description.size > 0 else { throw .invalidRegion("size is 0") }
-        guard let mapLength = description.mmapOffset.addingReportingOverflow(description.size) as (UInt64, Bool)?,
-              !mapLength.1, let length = Int(exactly: mapLength.0)
-        else { throw .invalidRegion("mmap offset + size overflows") }
+        let (end, overflow) = description.mmapOffset.addingReportingOverflow(description.size)
+        guard !overflow else { throw .invalidRegion("mmap offset + size overflows") }
         // Mapping past the end of the file would succeed and then fault (SIGBUS) on first access.
         var info = stat()
         guard fstat(fd, &info) == 0 else { throw .system("fstat of the region's file failed (errno \(errno))") }
         let isRegularFile = info.st_mode & S_IFMT == S_IFREG
-        guard !isRegularFile || UInt64(max(0, info.st_size)) >= mapLength.0 else {
+        guard !isRegularFile || UInt64(max(0, info.st_size)) >= end else {
             throw .invalidRegion("offset \(description.mmapOffset) + size \(description.size) is past the end of its \(info.st_size)-byte file")
+        }
+        // A hugetlbfs file maps in huge pages (its block size); anything else in base pages.
+        let basePage = UInt64(max(4096, sysconf(Int32(_SC_PAGESIZE))))
+        let blockSize = UInt64(max(0, info.st_blksize))
+        let page = isRegularFile && blockSize > basePage && blockSize <= 1 << 30 && blockSize & (blockSize - 1) == 0 ? blockSize : basePage
+        let mapStart = description.mmapOffset & ~(page - 1)
+        let (roundedEnd, roundOverflow) = end.addingReportingOverflow(page - 1)
+        guard !roundOverflow, let length = Int(exactly: (roundedEnd & ~(page - 1)) - mapStart) else {
+            throw .invalidRegion("mmap offset + size overflows")
         }
         let mapping: MemoryMapping
         do {
-            mapping = try MemoryMapping(fd: fd, offset: 0, length: length)
+            mapping = try MemoryMapping(fd: fd, offset: mapStart, length: length, pageSize: Int(page), guarded: true)
         } catch {
             throw .system("cannot map region at \(description.guestAddress): \(error)")
         }
-        try self.init(description: description, mapping: mapping)
+        try self.init(description: description, mapping: mapping, offsetInMapping: description.mmapOffset - mapStart)
     }
 
-    /// Uses an existing mapping; the region starts `mmapOffset` bytes into it.
+    /// Uses an existing mapping of the whole file; the region starts `mmapOffset` bytes into it.
     public init(description: MemoryRegionDescription, mapping: MemoryMapping) throws(GuestMemoryError) {
+        try self.init(description: description, mapping: mapping, offsetInMapping: description.mmapOffset)
+    }
+
+    private init(description: MemoryRegionDescription, mapping: MemoryMapping, offsetInMapping: UInt64) throws(GuestMemoryError) {
         guard description.size > 0 else { throw .invalidRegion("size is 0") }
-        let (end, overflow) = description.mmapOffset.addingReportingOverflow(description.size)
+        let (end, overflow) = offsetInMapping.addingReportingOverflow(description.size)
         guard !overflow, end <= UInt64(mapping.length) else {
             throw .invalidRegion("offset \(description.mmapOffset) + size \(description.size) exceeds the mapping")
         }
@@ -68,7 +83,7 @@ public struct GuestMemoryRegion: @unchecked Sendable {
         guard !guestOverflow, !userOverflow else { throw .invalidRegion("region end overflows 64 bits") }
         self.description = description
         self.mapping = mapping
-        self.host = mapping.base + Int(description.mmapOffset)
+        self.host = mapping.base + Int(offsetInMapping)
         self.guestStart = description.guestAddress.rawValue
         self.guestEnd = guestEnd
         self.userStart = description.userAddress
@@ -102,6 +117,10 @@ public final class GuestMemory: Sendable {
 
     /// Total bytes of guest memory.
     public var size: UInt64 { regions.reduce(0) { $0 + $1.description.size } }
+
+    /// Accesses that found a region's file shrunk under its mapping (see `GuestMemoryRegion`): once
+    /// non-zero, the frontend took memory away and the device must stop using it.
+    public var faults: UInt64 { regions.reduce(0) { $0 + $1.mapping.faults } }
 
     /// The host address of `length` bytes at `address`, which must be contiguous in one region.
     @inlinable

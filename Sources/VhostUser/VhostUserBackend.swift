@@ -20,6 +20,11 @@ public final class VhostUserBackend {
     public static let maximumMemorySlots = 32
     /// SET_MEM_TABLE carries at most this many regions.
     public static let memTableRegions = 8
+    /// Guest memory one frontend may map unless configured otherwise: 1 TiB. Mappings take address
+    /// space, which every device of the process shares (128 TiB on x86-64).
+    public static let defaultMemoryLimit: UInt64 = 1 << 40
+    /// The most bytes of guest memory (the sum of region sizes) this frontend may map.
+    public let memoryLimit: UInt64
 
     private struct Ring {
         var size: Int?
@@ -48,9 +53,10 @@ public final class VhostUserBackend {
     private var running: Set<Int> = []
     private var restartNeeded = false
 
-    public init(device: NetDevice, logger: Logger) {
+    public init(device: NetDevice, logger: Logger, memoryLimit: UInt64 = VhostUserBackend.defaultMemoryLimit) {
         self.device = device
         self.logger = logger
+        self.memoryLimit = memoryLimit
         rings = Array(repeating: Ring(), count: 2 * device.configuration.queuePairs)
     }
 
@@ -387,6 +393,10 @@ public final class VhostUserBackend {
     }
 
     private func replaceMemory(with newRegions: [Region]) throws(VhostUserError) {
+        let total = newRegions.reduce(UInt64(0)) { $0.addingReportingOverflow($1.description.size).partialValue }
+        guard total <= memoryLimit, newRegions.allSatisfy({ $0.description.size <= memoryLimit }) else {
+            throw VhostUserError("guest memory of \(total) bytes is more than this device may map (\(memoryLimit) bytes)")
+        }
         let newMemory: GuestMemory?
         if newRegions.isEmpty {
             newMemory = nil

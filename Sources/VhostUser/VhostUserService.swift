@@ -20,16 +20,20 @@ public final class VhostUserService: Sendable {
     public let path: String
     public let mode: Mode
     public let device: NetDevice
+    /// The most guest memory one frontend may map (see `VhostUserBackend.memoryLimit`).
+    public let memoryLimit: UInt64
     private let logger: Logger
     private let stopSignal: EventFD
     private let state = Mutex<(stopping: Bool, connection: UnixSocket?, thread: WorkerThread?, connections: Int)>((false, nil, nil, 0))
     private let listener: UnixSocket?
 
     /// In server mode the socket is bound here, so a path problem is reported before anything runs.
-    public init(path: String, mode: Mode, device: NetDevice, logger: Logger) throws(SystemError) {
+    public init(path: String, mode: Mode, device: NetDevice, logger: Logger,
+                memoryLimit: UInt64 = VhostUserBackend.defaultMemoryLimit) throws(SystemError) {
         self.path = path
         self.mode = mode
         self.device = device
+        self.memoryLimit = memoryLimit
         self.logger = logger
         self.stopSignal = try EventFD()
         if mode == .server {
@@ -95,7 +99,7 @@ public final class VhostUserService: Sendable {
             }
             guard proceed else { return }
             logger.info("vhost-user frontend connected", metadata: ["socket": "\(path)"])
-            let backend = VhostUserBackend(device: device, logger: logger)
+            let backend = VhostUserBackend(device: device, logger: logger, memoryLimit: memoryLimit)
             let end = VhostUserConnection.serve(socket, backend: backend, logger: logger)
             state.withLock { $0.connection = nil }
             logger.info("vhost-user frontend disconnected", metadata: ["socket": "\(path)", "reason": "\(end)"])

@@ -273,7 +273,7 @@ public final class NetDevice: Sendable {
                 receiveKick: active.kicks[2 * pair], transmitKick: active.kicks[2 * pair + 1],
                 controlKick: control.flatMap { active.kicks[$0.index] },
                 counters: queuePairCounters[pair], controlCounters: controlCounters,
-                announcements: pair == 0 ? active.announcements : nil, backend: backend,
+                announcements: pair == 0 ? active.announcements : nil, memory: active.memory, backend: backend,
                 onBroken: { [weak self] queue, fault in self?.markBroken(queue: queue, fault) },
                 logger: logger
             )
@@ -376,6 +376,12 @@ public final class NetDevice: Sendable {
                     if result == .budgetExhausted { progress = true }
                 }
             }
+        }
+        if MemoryMapping.faultsInProcess != 0 && active.memory.faults > 0 && !needsReset {
+            // The frontend took guest memory away: every ring stops until the device is reset.
+            let indices = active.receive.compactMap { $0?.index } + active.transmit.compactMap { $0?.index } + [active.control?.index].compactMap { $0 }
+            for index in indices { markBroken(queue: index, .guestMemoryLost) }
+            healthy = false
         }
         return healthy
     }

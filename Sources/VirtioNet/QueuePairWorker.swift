@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVirtioShim
+import GuestMemory
 import Logging
 import Sys
 import Virtqueue
@@ -22,6 +23,7 @@ final class QueuePairWorker: @unchecked Sendable {
     private let counters: QueuePairCounters
     private let controlCounters: QueueCounters
     private let backend: any PacketBackend
+    private let memory: GuestMemory
     private let announcements: Announcements?
     private let onBroken: @Sendable (Int, QueueFault) -> Void
     private let logger: Logger
@@ -37,7 +39,8 @@ final class QueuePairWorker: @unchecked Sendable {
 
     init(pair: Int, receive: ReceiveQueue?, transmit: TransmitQueue?, control: ControlQueueEngine?,
          receiveKick: EventFD?, transmitKick: EventFD?, controlKick: EventFD?,
-         counters: QueuePairCounters, controlCounters: QueueCounters, announcements: Announcements?, backend: any PacketBackend,
+         counters: QueuePairCounters, controlCounters: QueueCounters, announcements: Announcements?,
+         memory: GuestMemory, backend: any PacketBackend,
          onBroken: @escaping @Sendable (Int, QueueFault) -> Void, logger: Logger) throws(SystemError) {
         self.pair = pair
         self.receive = receive
@@ -49,6 +52,7 @@ final class QueuePairWorker: @unchecked Sendable {
         self.counters = counters
         self.controlCounters = controlCounters
         self.backend = backend
+        self.memory = memory
         self.announcements = announcements
         self.onBroken = onBroken
         self.logger = logger
@@ -91,6 +95,8 @@ final class QueuePairWorker: @unchecked Sendable {
         var receiveBroken = false
         var controlBroken = false
         var announcePending = false
+        var processFaultsSeen: UInt64 = 0
+        var memoryLost = false
         var backendInterest: Epoll.Events = receive != nil ? .readable : []
         let backendFD = backend.descriptor(queue: pair)
 
@@ -210,6 +216,21 @@ final class QueuePairWorker: @unchecked Sendable {
                 case .broken(let fault):
                     receiveBroken = true
                     onBroken(receive.index, fault)
+                }
+            }
+
+            // One load per pass: did any guarded mapping of the process fault since we last looked?
+            let faults = MemoryMapping.faultsInProcess
+            if faults != processFaultsSeen {
+                processFaultsSeen = faults
+                if !memoryLost && memory.faults > 0 {
+                    memoryLost = true
+                    for index in [receive?.index, transmit?.index, control?.index].compactMap({ $0 }) {
+                        onBroken(index, .guestMemoryLost)
+                    }
+                    receiveBroken = true
+                    transmitBroken = true
+                    controlBroken = true
                 }
             }
 

@@ -16,6 +16,8 @@ public struct DeviceConfiguration: Equatable, Sendable {
     public var mtu: Int
     /// nil: every offload the TAP supports.
     public var offloads: OffloadSet?
+    /// The most guest memory a frontend may map for this device, in bytes.
+    public var maximumGuestMemory: UInt64 = VhostUserBackend.defaultMemoryLimit
 }
 
 /// The whole configuration file: `[daemon]` and one or more `[[device]]`.
@@ -91,7 +93,7 @@ public struct DaemonConfiguration: Equatable, Sendable {
         }
         guard let deviceArray = deviceValue.array else { throw fail("device", table: "", "must be an array of tables ([[device]])") }
         var devices: [DeviceConfiguration] = []
-        let allowed = ["name", "socket", "mode", "tap", "queue_pairs", "queue_size", "mac", "mtu", "offloads"]
+        let allowed = ["name", "socket", "mode", "tap", "queue_pairs", "queue_size", "mac", "mtu", "offloads", "max_guest_memory_gib"]
         for (index, element) in deviceArray.enumerated() {
             guard let device = element.table else { throw fail("device", table: "", index: index, "must be a table") }
             func invalid(_ key: String, _ message: String) -> ConfigurationError { fail(key, table: "device", index: index, message) }
@@ -149,8 +151,13 @@ public struct DaemonConfiguration: Equatable, Sendable {
                 if !set.isEmpty && !set.contains(.csum) { throw invalid("offloads", "every offload needs \"csum\"") }
                 offloads = set
             }
+            let memoryGiB = try integer("max_guest_memory_gib") ?? Int(VhostUserBackend.defaultMemoryLimit >> 30)
+            guard (1...Self.maximumGuestMemoryGiB).contains(memoryGiB) else {
+                throw invalid("max_guest_memory_gib", "\(memoryGiB) is outside 1...\(Self.maximumGuestMemoryGiB)")
+            }
             devices.append(DeviceConfiguration(name: name, socket: socket, mode: mode, tap: tap, queuePairs: queuePairs,
-                                               queueSize: queueSize, mac: mac, mtu: mtu, offloads: offloads))
+                                               queueSize: queueSize, mac: mac, mtu: mtu, offloads: offloads,
+                                               maximumGuestMemory: UInt64(memoryGiB) << 30))
         }
         for (index, device) in devices.enumerated() {
             for earlier in devices[..<index] {
@@ -161,6 +168,9 @@ public struct DaemonConfiguration: Equatable, Sendable {
         }
         return DaemonConfiguration(logLevel: logLevel, metrics: metrics, devices: devices)
     }
+
+    /// The largest `max_guest_memory_gib`: 64 TiB, half of x86-64's user address space.
+    static let maximumGuestMemoryGiB = 64 << 10
 
     /// "127.0.0.1:9464", "localhost:9464", "[::1]:9464"; loopback only.
     static func parseEndpoint(_ text: String) -> (String, UInt16)? {

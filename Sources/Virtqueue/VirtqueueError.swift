@@ -46,11 +46,14 @@ public enum QueueFault: Error, Equatable, Sendable, CustomStringConvertible {
     case availableIndexJump(from: UInt16, to: UInt16)
     /// The available ring names a head descriptor past the table.
     case headOutOfRange(UInt16)
+    /// The frontend took guest memory away: the file behind it shrank while mapped.
+    case guestMemoryLost
 
     public var description: String {
         switch self {
         case let .availableIndexJump(from, to): "available index moved from \(from) to \(to), more than the queue size"
         case let .headOutOfRange(head): "available ring names descriptor \(head), outside the table"
+        case .guestMemoryLost: "guest memory shrank under the device (its file was truncated while mapped)"
         }
     }
 }

@@ -158,6 +158,19 @@ struct ConfigurationTests {
         expectError(configuration(replacing: 17, with: "socket = \"/\(String(repeating: "s", count: 120))\""), line: 17, key: "device[1].socket")
     }
 
+    @Test("max_guest_memory_gib: 1 TiB by default, 1 to 65536 GiB, the edges accepted and one past them refused")
+    func guestMemoryLimit() throws {
+        let defaults = try DaemonConfiguration.parse(baseConfiguration, file: "t.toml")
+        #expect(defaults.devices.map(\.maximumGuestMemory) == [1 << 40, 1 << 40])
+        for (value, bytes) in [(1, UInt64(1) << 30), (65536, UInt64(1) << 46)] {
+            let parsed = try DaemonConfiguration.parse(configuration(replacing: 13, with: "max_guest_memory_gib = \(value)"), file: "t.toml")
+            #expect(parsed.devices[0].maximumGuestMemory == bytes)
+        }
+        expectError(configuration(replacing: 13, with: "max_guest_memory_gib = 0"), line: 13, key: "device[0].max_guest_memory_gib")
+        expectError(configuration(replacing: 13, with: "max_guest_memory_gib = 65537"), line: 13, key: "device[0].max_guest_memory_gib")
+        expectError(configuration(replacing: 13, with: "max_guest_memory_gib = \"1T\""), line: 13, key: "device[0].max_guest_memory_gib", containing: "integer")
+    }
+
     @Test("Bad MAC addresses")
     func badMAC() {
         for text in ["52:54:00:zz:00:01", "52:54:00:00:01", "52:54:00:00:00:01:02", "", "525400000001"] {

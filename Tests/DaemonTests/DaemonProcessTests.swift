@@ -477,6 +477,47 @@ struct DaemonProcessTests {
         }
     }
 
+    @Test("A frontend that shrinks guest RAM under running rings cannot kill the daemon: its rings stop (SET_VRING_ERR), the other device is served",
+          .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
+    func guestMemoryShrinksUnderRunningRings() throws {
+        _ = try #require(daemonPath)
+        let namespace = try TestNamespace()
+        defer { namespace.delete() }
+        let directory = try TemporaryDirectory("vu-daemon")
+        defer { directory.remove() }
+        let tag = String(getpid() % 100_000)
+        let configuration = ["a", "b"].map { name in
+            "[[device]]\nname = \"\(name)\"\nsocket = \"\(directory.path)/\(name).sock\"\ntap = \"vut\(tag)\(name)\"\n"
+        }.joined()
+        let daemon = try DaemonProcess(namespace: namespace, configuration: configuration, directory: directory.path)
+        defer { daemon.kill9() }
+        let frontend = try Frontend.connect(path: directory.path + "/a.sock", timeout: 30)
+        let memory = try SimulatedGuestMemory(regionSize: 4 << 20)
+        let guest = try frontend.negotiate(memory: memory)
+        let error = try EventFD()
+        try frontend.call(.setVringErr, payload: LE.u64(1), fds: [error.rawValue])
+        try #require(frontend.sync())
+
+        // The frontend truncates guest RAM and kicks the transmit ring: the worker's next access
+        // to the ring is past the end of the file. (This process does not touch that memory again.)
+        #expect(ftruncate(memory.fds[0], 0) == 0)
+        try guest.kicks[1]?.signal()
+        let signalled = eventually(timeout: 20) { (try? error.drain()) != nil }
+        if !frontend.sync() {
+            _ = eventually { !daemon.process.isRunning }
+            Issue.record("the daemon died: \(daemon.process.terminationReason == .uncaughtSignal ? "signal" : "exit status") \(daemon.process.terminationStatus); log:\n\(daemon.log)")
+            return
+        }
+        #expect(signalled, "the ring's error eventfd was signalled")
+        #expect(daemon.log.contains("guest memory shrank"), "the log says why: \(daemon.log)")
+
+        // The other device serves a new frontend.
+        let other = try Frontend.connect(path: directory.path + "/b.sock", timeout: 30)
+        _ = try other.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20))
+        #expect(other.sync())
+        #expect(daemon.terminate() == 0)
+    }
+
     @Test("A daemon whose every device fails to start exits non-zero", .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
     func noDeviceStarts() throws {
         let daemon = try #require(daemonPath)

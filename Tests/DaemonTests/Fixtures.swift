@@ -64,12 +64,14 @@ final class ServedDevice: Sendable {
     let directory: TemporaryDirectory
     var path: String { service.path }
 
-    init(queuePairs: Int = 1, mtu: Int = 1500, maximumQueueSize: Int = 256, mac: MACAddress = deviceMAC) throws {
+    init(queuePairs: Int = 1, mtu: Int = 1500, maximumQueueSize: Int = 256, mac: MACAddress = deviceMAC,
+         memoryLimit: UInt64 = VhostUserBackend.defaultMemoryLimit) throws {
         directory = try TemporaryDirectory()
         backend = try LoopbackBackend(queuePairs: queuePairs)
         device = try NetDevice(configuration: NetConfiguration(mac: mac, mtu: mtu, queuePairs: queuePairs, maximumQueueSize: maximumQueueSize),
                                backend: backend, logger: quietLogger)
-        service = try VhostUserService(path: directory.path + "/vhost.sock", mode: .server, device: device, logger: quietLogger)
+        service = try VhostUserService(path: directory.path + "/vhost.sock", mode: .server, device: device, logger: quietLogger,
+                                       memoryLimit: memoryLimit)
         try service.start()
     }
 

@@ -295,3 +295,44 @@ func eventually(timeout: Double = 10, _ condition: () -> Bool) -> Bool {
         _ = Glibc.poll(nil, 0, 2)
     }
 }
+
+@Suite("Guest memory taken away: a frontend that shrinks the file behind guest RAM")
+struct GuestMemoryLossTests {
+    @Test("The file shrinks under running rings: the device stops and needs a reset, the process and other devices go on")
+    func fileShrinksUnderRunningRings() throws {
+        let (device, driver, _) = try makeLoopbackDevice(threaded: true)
+        defer { device.reset() }
+        driver.postReceiveBuffers(count: 8)
+        #expect(driver.transmit(ethernetFrame(length: 100)))
+        #expect(driver.receive(count: 1).count == 1)
+
+        // The frontend truncates guest RAM; the worker's next ring access faults.
+        #expect(ftruncate(driver.guest.fds[0], 0) == 0)
+        try driver.kicks[1]?.signal()
+        #expect(eventually { device.needsReset }, "the device stopped using the memory")
+        #expect(driver.guest.memory.faults > 0)
+
+        // Another device in the same process is untouched.
+        let (other, otherDriver, _) = try makeLoopbackDevice(threaded: true)
+        defer { other.reset() }
+        otherDriver.postReceiveBuffers(count: 8)
+        let frame = ethernetFrame(length: 200, seed: 9)
+        #expect(otherDriver.transmit(frame))
+        #expect(otherDriver.receive(count: 1).map(\.frame) == [frame])
+        #expect(!other.needsReset)
+    }
+
+    @Test("A region maps only the part of its file it covers, at any offset")
+    func regionMapsOnlyWhatItCovers() throws {
+        let fd = try MemFD.create(name: "sparse-guest-\(getpid())", size: 1 << 46)  // sparse: no memory used
+        let offset: UInt64 = 1 << 45
+        let region = try GuestMemoryRegion(
+            description: MemoryRegionDescription(guestAddress: GuestAddress(0), size: 4 << 20, mmapOffset: offset + 4096), fd: fd.rawValue)
+        #expect(region.mapping.length <= (4 << 20) + 4096, "mapped \(region.mapping.length) bytes for a 4 MiB region")
+        let memory = try GuestMemory(regions: [region])
+        try memory.writeBytes([1, 2, 3], to: GuestAddress(0))
+        var check = [UInt8](repeating: 0, count: 3)
+        #expect(pread(fd.rawValue, &check, 3, off_t(offset + 4096)) == 3)
+        #expect(check == [1, 2, 3], "the region starts at its mmap offset in the file")
+    }
+}

@@ -39,5 +39,6 @@ static inline void cvs_fence_acquire(void) {
 #include "CVirtioShimTap.h"
 #include "CVirtioShimSocket.h"
 #include "CVirtioShimUring.h"
+#include "CVirtioShimGuard.h"
 
 #endif
