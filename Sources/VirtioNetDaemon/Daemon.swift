@@ -73,7 +73,8 @@ public final class Daemon: Sendable {
             ),
             backend: backend, logger: deviceLogger
         )
-        let service = try VhostUserService(path: configuration.socket, mode: configuration.mode, device: device, logger: deviceLogger)
+        let service = try VhostUserService(path: configuration.socket, mode: configuration.mode, device: device, logger: deviceLogger,
+                                           handshakeTimeout: configuration.handshakeTimeout)
         try service.start()
         return RunningDevice(configuration: configuration, backend: backend, device: device, service: service)
     }

@@ -16,6 +16,13 @@ public struct DeviceConfiguration: Equatable, Sendable {
     public var mtu: Int
     /// nil: every offload the TAP supports.
     public var offloads: OffloadSet?
+    /// How long a new connection has to send its first complete message, and any message to arrive
+    /// whole once its first byte came; a connection that takes longer is dropped.
+    public var handshakeTimeout: Duration = DeviceConfiguration.defaultHandshakeTimeout
+
+    public static let defaultHandshakeTimeout = Duration.seconds(10)
+    /// `handshake_timeout_ms` is accepted in this range.
+    public static let handshakeTimeoutRange = 100...3_600_000
 }
 
 /// The whole configuration file: `[daemon]` and one or more `[[device]]`.
@@ -91,7 +98,7 @@ public struct DaemonConfiguration: Equatable, Sendable {
         }
         guard let deviceArray = deviceValue.array else { throw fail("device", table: "", "must be an array of tables ([[device]])") }
         var devices: [DeviceConfiguration] = []
-        let allowed = ["name", "socket", "mode", "tap", "queue_pairs", "queue_size", "mac", "mtu", "offloads"]
+        let allowed = ["name", "socket", "mode", "tap", "queue_pairs", "queue_size", "mac", "mtu", "offloads", "handshake_timeout_ms"]
         for (index, element) in deviceArray.enumerated() {
             guard let device = element.table else { throw fail("device", table: "", index: index, "must be a table") }
             func invalid(_ key: String, _ message: String) -> ConfigurationError { fail(key, table: "device", index: index, message) }
@@ -149,8 +156,14 @@ public struct DaemonConfiguration: Equatable, Sendable {
                 if !set.isEmpty && !set.contains(.csum) { throw invalid("offloads", "every offload needs \"csum\"") }
                 offloads = set
             }
+            let handshakeMilliseconds = try integer("handshake_timeout_ms") ?? Int(DeviceConfiguration.defaultHandshakeTimeout.components.seconds * 1000)
+            guard DeviceConfiguration.handshakeTimeoutRange.contains(handshakeMilliseconds) else {
+                let range = DeviceConfiguration.handshakeTimeoutRange
+                throw invalid("handshake_timeout_ms", "\(handshakeMilliseconds) is outside \(range.lowerBound)...\(range.upperBound) (milliseconds)")
+            }
             devices.append(DeviceConfiguration(name: name, socket: socket, mode: mode, tap: tap, queuePairs: queuePairs,
-                                               queueSize: queueSize, mac: mac, mtu: mtu, offloads: offloads))
+                                               queueSize: queueSize, mac: mac, mtu: mtu, offloads: offloads,
+                                               handshakeTimeout: .milliseconds(handshakeMilliseconds)))
         }
         for (index, device) in devices.enumerated() {
             for earlier in devices[..<index] {

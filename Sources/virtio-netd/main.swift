@@ -33,7 +33,7 @@ struct VirtioNetd: ParsableCommand {
             print("\(path): valid, \(configuration.devices.count) device(s)")
             for device in configuration.devices {
                 let offloads = device.offloads.map { set in DaemonConfiguration.offloadNames.filter { set.contains($0.value) }.keys.sorted().joined(separator: ",") } ?? "all the TAP supports"
-                print("  \(device.name): socket \(device.socket) (\(device.mode.rawValue)), tap \(device.tap), \(device.queuePairs) queue pair(s) of \(device.queueSize), mac \(device.mac), mtu \(device.mtu), offloads \(offloads)")
+                print("  \(device.name): socket \(device.socket) (\(device.mode.rawValue)), tap \(device.tap), \(device.queuePairs) queue pair(s) of \(device.queueSize), mac \(device.mac), mtu \(device.mtu), offloads \(offloads), handshake timeout \(device.handshakeTimeout)")
             }
             if let metrics = configuration.metrics { print("  metrics: http://\(metrics.host):\(metrics.port)/metrics") }
             return

@@ -477,6 +477,35 @@ struct DaemonProcessTests {
         }
     }
 
+    @Test("A second connection to an attached device is closed at once and logged with the device and socket; a silent one is dropped after handshake_timeout_ms",
+          .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
+    func secondAndSilentConnections() throws {
+        _ = try #require(daemonPath)
+        let namespace = try TestNamespace()
+        defer { namespace.delete() }
+        let directory = try TemporaryDirectory("vu-daemon")
+        defer { directory.remove() }
+        let socket = directory.path + "/h.sock"
+        let tag = String(getpid() % 100_000)
+        let text = "[[device]]\nname = \"held\"\nsocket = \"\(socket)\"\ntap = \"vut\(tag)h\"\nhandshake_timeout_ms = 300\n"
+        let daemon = try DaemonProcess(namespace: namespace, configuration: text, directory: directory.path)
+        defer { daemon.kill9() }
+
+        let silent = try Frontend.connect(path: socket, timeout: 30)
+        #expect(silent.waitForClose(timeout: 10), "a connection that sends nothing is dropped")
+        let first = try Frontend.connect(path: socket)
+        let guest = try first.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20))
+        let second = try Frontend.connect(path: socket)
+        #expect(second.waitForClose(timeout: 10), "the second connection is closed at once")
+        #expect(try first.getFeatures() != 0, "the first frontend is still served")
+        #expect(guest.transmit(ethernetFrame(length: 60, destination: .broadcast)))
+        #expect(eventually { daemon.log.contains("a frontend is already attached") }, "\(daemon.log)")
+        let line = daemon.log.split(separator: "\n").first { $0.contains("a frontend is already attached") }.map(String.init) ?? ""
+        #expect(line.contains("warning") && line.contains("device=held") && line.contains("socket=\(socket)"), "\(line)")
+        #expect(daemon.log.contains("too slow"), "the dropped silent connection is logged: \(daemon.log)")
+        #expect(daemon.terminate() == 0, "\(daemon.log)")
+    }
+
     @Test("A daemon whose every device fails to start exits non-zero", .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
     func noDeviceStarts() throws {
         let daemon = try #require(daemonPath)
