@@ -31,6 +31,8 @@ public final class TapDevice: Sendable {
     public let vnetHeaderSize: Int32
     /// How many queue file descriptors the device holds (one per queue pair).
     public var queueCount: Int { queues.count }
+    /// Every descriptor the device holds: its queues and the socket for interface ioctls.
+    public var descriptorCount: Int { queues.count + 1 }
 
     private let queues: [Descriptor]
     /// A datagram socket opened in the TAP's network namespace, for the interface ioctls: a socket

@@ -32,6 +32,8 @@ public final class VhostUserService: Sendable {
     private let state = Mutex<(stopping: Bool, thread: WorkerThread?, connections: Int, refused: Int)>((false, nil, 0, 0))
     /// Set to nil once the thread has ended, which closes it: connections still queued get end-of-file.
     private let listener: Mutex<UnixSocket?>
+    /// Descriptors the service holds, as its thread last counted them (see `descriptorCount`).
+    private let heldDescriptors: Atomic<Int>
     /// After accept fails (out of descriptors, say), the listener rests this long instead of spinning.
     static let acceptBackoff = Duration.milliseconds(100)
 
@@ -43,6 +45,7 @@ public final class VhostUserService: Sendable {
         self.logger = logger
         self.handshakeTimeout = handshakeTimeout
         self.stopSignal = try EventFD()
+        heldDescriptors = Atomic(mode == .server ? 2 : 1)
         if mode == .server {
             Self.createParentDirectory(of: path)
             try Self.removeStaleSocket(path)
@@ -53,6 +56,10 @@ public final class VhostUserService: Sendable {
             listener = Mutex(nil)
         }
     }
+
+    /// Descriptors the service holds now: its stop eventfd, the listener (server mode), the
+    /// frontend's connection and the eventfds the frontend gave for its rings.
+    public var descriptorCount: Int { heldDescriptors.load(ordering: .relaxed) }
 
     /// How many frontends have connected so far.
     public var connectionCount: Int { state.withLock { $0.connections } }
@@ -84,7 +91,10 @@ public final class VhostUserService: Sendable {
         var connection: VhostUserConnection? = nil
         var listenerRestsUntil: ContinuousClock.Instant? = nil
         var backoff = Duration.milliseconds(100)
-        defer { if let connection { finish(connection, .stopped) } }
+        defer {
+            if let connection { finish(connection, .stopped) }
+            heldDescriptors.store(1, ordering: .relaxed)
+        }
 
         while !stopping {
             if mode == .client && connection == nil {
@@ -100,6 +110,7 @@ public final class VhostUserService: Sendable {
                 }
             }
 
+            heldDescriptors.store(1 + (listener == nil ? 0 : 1) + (connection.map { 1 + $0.backend.eventFDCount } ?? 0), ordering: .relaxed)
             let now = ContinuousClock.now
             if let until = listenerRestsUntil, now >= until { listenerRestsUntil = nil }
             var waitFor: [(fd: Int32, events: PollEvents)] = [(stopSignal.rawValue, .readable)]

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVirtioShim
+import Synchronization
 import Tap
 
 /// The production backend: a TAP interface with one queue per queue pair. Guest buffers go to and
@@ -40,6 +41,9 @@ public final class TapBackend: PacketBackend {
     public convenience init(name: String, queuePairs: Int = 1) throws(TapError) {
         self.init(tap: try TapDevice.open(name: name, queuePairs: queuePairs))
     }
+
+    /// Descriptors held now: the TAP's, and an io_uring for each queue whose worker made one.
+    public var descriptorCount: Int { tap.descriptorCount + urings.filter(\.isCreated).count }
 
     public func setReceiveOffloads(_ offloads: OffloadSet) throws(BackendError) {
         var flags: TapOffloads = []
@@ -145,6 +149,9 @@ public final class TapBackend: PacketBackend {
 final class UringSlot: @unchecked Sendable {
     private var pointer: OpaquePointer?
     private var unavailable = false
+    /// Set once the ring exists; read by other threads for descriptor accounting.
+    private let created = Atomic<Bool>(false)
+    var isCreated: Bool { created.load(ordering: .relaxed) }
     /// Which frames of the current burst have completed (at most 64 per burst).
     private var done: UInt64 = 0
 
@@ -155,7 +162,10 @@ final class UringSlot: @unchecked Sendable {
         pointer = cvs_uring_create(entries)
         unavailable = pointer == nil
         // Without the registration requests still work, through the ordinary file lookup.
-        if let pointer { _ = cvs_uring_register_file(pointer, file) }
+        if let pointer {
+            _ = cvs_uring_register_file(pointer, file)
+            created.store(true, ordering: .relaxed)
+        }
         return pointer
     }
 

@@ -22,13 +22,15 @@ public final class MetricsServer: Sendable {
     private let maximumClients: Int
     private let state = Mutex<(thread: WorkerThread?, stopped: Bool)>((nil, false))
     public let port: UInt16
+    /// Clients served at once unless told otherwise.
+    public static let defaultMaximumClients = 32
     /// A request is this long at most (Prometheus sends a few hundred bytes).
     static let maximumRequest = 8192
 
     /// Binds `host`:`port` (0: any free port, see `port`). A client has `clientTimeout` from its
     /// connection to send its request and read the whole response; at most `maximumClients` are
     /// served at once, and connections beyond them are closed at once.
-    public init(host: String, port: UInt16, logger: Logger, clientTimeout: Duration = .seconds(10), maximumClients: Int = 32,
+    public init(host: String, port: UInt16, logger: Logger, clientTimeout: Duration = .seconds(10), maximumClients: Int = MetricsServer.defaultMaximumClients,
                 render: @escaping @Sendable () -> String) throws(SystemError) {
         self.render = render
         self.logger = logger
