@@ -150,6 +150,7 @@ struct VhostUserServiceTests {
         #expect(try first.getFeatures() != 0)
         #expect(roundTrip(guest, sizes: [60, 1514], seed: 9))
         #expect(served.service.connectionCount == 1, "refused connections are not frontends")
+        #expect(served.service.refusedCount == 3)
         let warnings = capture.records.filter { $0.level == .warning && $0.metadata["socket"] == served.path }
         #expect(warnings.count == 3, "one warning per refused connection: \(capture.records.map { "\($0.level) \($0.message) \($0.metadata)" })")
         #expect(warnings.allSatisfy { $0.metadata["device"] == name }, "the warning names the device")
