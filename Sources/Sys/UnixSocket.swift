@@ -36,6 +36,17 @@ public final class UnixSocket: Sendable {
         return UnixSocket(OwnedFileDescriptor(taking: fd))
     }
 
+    /// On a non-blocking listener: the next pending connection, nil when there is none.
+    public func acceptPending() throws(SystemError) -> UnixSocket? {
+        guard let fd = try retryingOnInterruptUnlessWouldBlock("accept4", { cvs_accept_cloexec(descriptor.rawValue) }) else { return nil }
+        return UnixSocket(OwnedFileDescriptor(taking: fd))
+    }
+
+    /// Reads and writes that would block fail with EAGAIN instead (the `...Available` calls).
+    public func setNonBlocking(_ enabled: Bool = true) throws(SystemError) {
+        try descriptor.setNonBlocking(enabled)
+    }
+
     /// Receives up to `buffer.count` bytes and any descriptors sent with them. 0 bytes: the peer closed.
     /// `truncated` is true when descriptors or data were cut off (the ones that arrived are still returned).
     public func receive(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> (count: Int, fds: [ReceivedFD], truncated: Bool) {
@@ -47,6 +58,33 @@ public final class UnixSocket: Sendable {
         }
         let fds = raw.prefix(Int(fdCount)).map { ReceivedFD(OwnedFileDescriptor(taking: $0)) }
         return (count, fds, truncated != 0)
+    }
+
+    /// On a non-blocking socket: like `receive(into:)`, or nil when nothing is waiting.
+    public func receiveAvailable(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> (count: Int, fds: [ReceivedFD], truncated: Bool)? {
+        var raw = [Int32](repeating: -1, count: Int(CVS_MAX_FDS_PER_MESSAGE))
+        var fdCount: Int32 = 0
+        var truncated: Int32 = 0
+        let result = try retryingOnInterruptUnlessWouldBlock("recvmsg") {
+            cvs_recv_with_fds(descriptor.rawValue, buffer.baseAddress, buffer.count, &raw, CVS_MAX_FDS_PER_MESSAGE, &fdCount, &truncated)
+        }
+        guard let count = result else { return nil }
+        let fds = raw.prefix(Int(fdCount)).map { ReceivedFD(OwnedFileDescriptor(taking: $0)) }
+        return (count, fds, truncated != 0)
+    }
+
+    /// On a non-blocking socket: reads up to `buffer.count` bytes (descriptors sent with them are
+    /// dropped by the kernel); 0 when the peer closed, nil when nothing is waiting.
+    public func readAvailable(into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int? {
+        try retryingOnInterruptUnlessWouldBlock("read") { Glibc.read(descriptor.rawValue, buffer.baseAddress, buffer.count) }
+    }
+
+    /// On a non-blocking socket: sends what fits of `bytes` (with `fds` on the first byte); returns
+    /// how much, or nil when nothing fits now.
+    public func sendAvailable(_ bytes: UnsafeRawBufferPointer, fds: [Int32] = []) throws(SystemError) -> Int? {
+        try retryingOnInterruptUnlessWouldBlock("sendmsg") {
+            cvs_send_with_fds(descriptor.rawValue, bytes.baseAddress, bytes.count, fds, Int32(fds.count))
+        }
     }
 
     /// Reads exactly `buffer.count` bytes (no descriptors expected); false if the peer closed first.

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVirtioShim
+import Synchronization
 import Sys
 
 /// Writes bursts of frames to one descriptor (a TAP queue): as one io_uring submission of writes
@@ -15,6 +16,10 @@ public final class BurstWriter: @unchecked Sendable {
     private var ringUnavailable: Bool
     /// Which frames of the current burst have completed (at most `maximumBurst`).
     private var done: UInt64 = 0
+    private let ringCreated = Atomic<Bool>(false)
+
+    /// Whether the writer holds an io_uring (a descriptor), for accounting from any thread.
+    public var hasRing: Bool { ringCreated.load(ordering: .relaxed) }
 
     /// The most frames one call takes.
     public static let maximumBurst = 64
@@ -111,7 +116,10 @@ public final class BurstWriter: @unchecked Sendable {
         ring = cvs_uring_create(256)
         ringUnavailable = ring == nil
         // Without the registration requests still work, through the ordinary file lookup.
-        if let ring { _ = cvs_uring_register_file(ring, fd) }
+        if let ring {
+            _ = cvs_uring_register_file(ring, fd)
+            ringCreated.store(true, ordering: .relaxed)
+        }
         return ring
     }
 }

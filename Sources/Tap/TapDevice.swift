@@ -31,6 +31,9 @@ public final class TapDevice: Sendable {
     public let vnetHeaderSize: Int32
     /// How many queue file descriptors the device holds (one per queue pair).
     public var queueCount: Int { queues.count }
+    /// Every descriptor the device holds: its queues and the socket for interface ioctls.
+    /// Descriptors held now: one per queue, the control socket, and an io_uring per queue that wrote a burst.
+    public var descriptorCount: Int { queues.count + 1 + writers.filter(\.hasRing).count }
 
     private let queues: [Descriptor]
     /// One per queue, used by that queue's worker only.

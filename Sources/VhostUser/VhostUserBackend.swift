@@ -60,6 +60,17 @@ public final class VhostUserBackend {
         rings = Array(repeating: Ring(), count: 2 * device.configuration.queuePairs)
     }
 
+    /// The frontend's eventfds (kick, call, error) the rings hold now.
+    public var eventFDCount: Int {
+        var seen = Set<ObjectIdentifier>()
+        for ring in rings {
+            for event in [ring.kick, ring.call, ring.error] {
+                if let event { seen.insert(ObjectIdentifier(event)) }
+            }
+        }
+        return seen.count
+    }
+
     /// What GET_FEATURES offers: the device's features, minus those the frontend handles itself (the
     /// control queue and what depends on it), plus VHOST_USER_F_PROTOCOL_FEATURES.
     public var offeredFeatures: UInt64 {

@@ -103,6 +103,8 @@ public final class NetDevice: Sendable {
         var mtu: Int
     }
     private let state: Mutex<State>
+    /// Workers that exist now (each holds an epoll instance and a stop eventfd).
+    private let workerCount = Atomic<Int>(0)
 
     public init(configuration: NetConfiguration, backend: any PacketBackend, logger: Logger = Logger(label: "virtio-net")) throws(NetDeviceError) {
         try configuration.validate()
@@ -135,6 +137,10 @@ public final class NetDevice: Sendable {
     public var needsReset: Bool { state.withLock { $0.needsReset } }
 
     public var isActive: Bool { state.withLock { $0.active != nil } }
+
+    /// Descriptors the device itself holds now: an epoll instance and a stop eventfd per worker
+    /// thread. (Ring eventfds belong to whoever passed them in; the backend counts its own.)
+    public var descriptorCount: Int { 2 * workerCount.load(ordering: .relaxed) }
 
     /// The virtqueue index of the control queue under `features`.
     public func controlQueueIndex(features: VirtioNetFeatures) -> Int {
@@ -278,6 +284,7 @@ public final class NetDevice: Sendable {
                 logger: logger
             )
             active.workers.append(worker)
+            workerCount.add(1, ordering: .relaxed)
             try worker.start()
         }
     }
@@ -301,6 +308,7 @@ public final class NetDevice: Sendable {
         }
         guard let active else { return [] }
         for worker in active.workers { worker.stop() }
+        workerCount.subtract(active.workers.count, ordering: .relaxed)
         active.workers.removeAll()
         var states: [QueueState] = []
         for queue in active.receive.compactMap({ $0 }) {

@@ -36,6 +36,9 @@ public final class TapBackend: PacketBackend {
         self.init(tap: try TapDevice.open(name: name, queuePairs: queuePairs))
     }
 
+    /// Descriptors held now: the TAP's, and an io_uring for each queue whose worker made one.
+    public var descriptorCount: Int { tap.descriptorCount }
+
     public func setReceiveOffloads(_ offloads: OffloadSet) throws(BackendError) {
         var flags: TapOffloads = []
         if offloads.contains(.csum) {

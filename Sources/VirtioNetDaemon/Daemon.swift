@@ -15,6 +15,8 @@ public final class RunningDevice: Sendable {
     public let backend: TapBackend
     public let device: NetDevice
     public let service: VhostUserService
+    /// The most descriptors the device may hold, from its configuration.
+    public let descriptorNeed: DescriptorNeed
     let metrics: DeviceMetrics
 
     init(configuration: DeviceConfiguration, backend: TapBackend, device: NetDevice, service: VhostUserService) {
@@ -22,8 +24,16 @@ public final class RunningDevice: Sendable {
         self.backend = backend
         self.device = device
         self.service = service
-        metrics = DeviceMetrics(name: configuration.name, device: device)
+        descriptorNeed = DescriptorNeed(device: configuration)
+        metrics = DeviceMetrics(name: configuration.name, device: device, worstCaseDescriptors: descriptorNeed.total,
+                                heldDescriptors: { [service, device, backend] in
+                                    service.descriptorCount + device.descriptorCount + backend.descriptorCount
+                                })
     }
+
+    /// Descriptors the device holds now: the service's (listener, connection, the frontend's ring
+    /// eventfds), the workers' and the TAP's.
+    public var descriptorCount: Int { service.descriptorCount + device.descriptorCount + backend.descriptorCount }
 }
 
 /// Runs every configured device; one that fails to start is logged and the others go on.
@@ -51,6 +61,7 @@ public final class Daemon: Sendable {
                     "device": "\(device.name)", "socket": "\(device.socket)", "mode": "\(device.mode.rawValue)",
                     "tap": "\(started.backend.tap.name)", "tap_created": "\(started.backend.tap.createdByUs)",
                     "queue_pairs": "\(device.queuePairs)", "features": "\(started.device.offeredFeatures)",
+                    "descriptors": "\(started.descriptorCount)", "descriptors_worst_case": "\(started.descriptorNeed.total)",
                 ])
             } catch {
                 logger.error("device failed to start", metadata: ["device": "\(device.name)", "error": "\(error)"])
@@ -74,6 +85,7 @@ public final class Daemon: Sendable {
             backend: backend, logger: deviceLogger
         )
         let service = try VhostUserService(path: configuration.socket, mode: configuration.mode, device: device, logger: deviceLogger,
+                                           handshakeTimeout: configuration.handshakeTimeout,
                                            memoryLimit: configuration.maximumGuestMemory)
         try service.start()
         return RunningDevice(configuration: configuration, backend: backend, device: device, service: service)
@@ -96,7 +108,10 @@ public final class Daemon: Sendable {
     /// Brings the swift-metrics counters up to date with the devices' own counters.
     public func updateMetrics() {
         for device in devices { device.metrics.update() }
+        if let limit = try? OpenFileLimit.current().soft { descriptorLimit.record(Int64(clamping: limit)) }
     }
+
+    private let descriptorLimit = Gauge(label: "virtio_net_descriptor_limit")
 }
 
 /// swift-metrics counters for one device, fed from the data path's own (cheap, atomic) counters:
@@ -108,8 +123,16 @@ final class DeviceMetrics: Sendable {
     }
     private let feeds: [Feed]
     private let last: Mutex<[UInt64]>
+    private let heldDescriptors: @Sendable () -> Int
+    private let heldGauge: Gauge
+    private let worstCaseGauge: Gauge
+    private let worstCase: Int
 
-    init(name: String, device: NetDevice) {
+    init(name: String, device: NetDevice, worstCaseDescriptors: Int, heldDescriptors: @escaping @Sendable () -> Int) {
+        self.heldDescriptors = heldDescriptors
+        worstCase = worstCaseDescriptors
+        heldGauge = Gauge(label: "virtio_net_descriptors_held", dimensions: [("device", name)])
+        worstCaseGauge = Gauge(label: "virtio_net_descriptors_worst_case", dimensions: [("device", name)])
         var feeds: [Feed] = []
         for (pair, counters) in device.queuePairCounters.enumerated() {
             for (direction, queue) in [("rx", counters.receive), ("tx", counters.transmit)] {
@@ -129,6 +152,8 @@ final class DeviceMetrics: Sendable {
     }
 
     func update() {
+        heldGauge.record(heldDescriptors())
+        worstCaseGauge.record(worstCase)
         last.withLock { last in
             for (index, feed) in feeds.enumerated() {
                 let value = feed.read()

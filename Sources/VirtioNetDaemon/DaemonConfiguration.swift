@@ -18,6 +18,13 @@ public struct DeviceConfiguration: Equatable, Sendable {
     public var offloads: OffloadSet?
     /// The most guest memory a frontend may map for this device, in bytes.
     public var maximumGuestMemory: UInt64 = VhostUserBackend.defaultMemoryLimit
+    /// How long a new connection has to send its first complete message, and any message to arrive
+    /// whole once its first byte came; a connection that takes longer is dropped.
+    public var handshakeTimeout: Duration = DeviceConfiguration.defaultHandshakeTimeout
+
+    public static let defaultHandshakeTimeout = Duration.seconds(10)
+    /// `handshake_timeout_ms` is accepted in this range.
+    public static let handshakeTimeoutRange = 100...3_600_000
 }
 
 /// The whole configuration file: `[daemon]` and one or more `[[device]]`.
@@ -93,7 +100,8 @@ public struct DaemonConfiguration: Equatable, Sendable {
         }
         guard let deviceArray = deviceValue.array else { throw fail("device", table: "", "must be an array of tables ([[device]])") }
         var devices: [DeviceConfiguration] = []
-        let allowed = ["name", "socket", "mode", "tap", "queue_pairs", "queue_size", "mac", "mtu", "offloads", "max_guest_memory_gib"]
+        let allowed = ["name", "socket", "mode", "tap", "queue_pairs", "queue_size", "mac", "mtu", "offloads", "handshake_timeout_ms",
+                       "max_guest_memory_gib"]
         for (index, element) in deviceArray.enumerated() {
             guard let device = element.table else { throw fail("device", table: "", index: index, "must be a table") }
             func invalid(_ key: String, _ message: String) -> ConfigurationError { fail(key, table: "device", index: index, message) }
@@ -155,9 +163,15 @@ public struct DaemonConfiguration: Equatable, Sendable {
             guard (1...Self.maximumGuestMemoryGiB).contains(memoryGiB) else {
                 throw invalid("max_guest_memory_gib", "\(memoryGiB) is outside 1...\(Self.maximumGuestMemoryGiB)")
             }
+            let handshakeMilliseconds = try integer("handshake_timeout_ms") ?? Int(DeviceConfiguration.defaultHandshakeTimeout.components.seconds * 1000)
+            guard DeviceConfiguration.handshakeTimeoutRange.contains(handshakeMilliseconds) else {
+                let range = DeviceConfiguration.handshakeTimeoutRange
+                throw invalid("handshake_timeout_ms", "\(handshakeMilliseconds) is outside \(range.lowerBound)...\(range.upperBound) (milliseconds)")
+            }
             devices.append(DeviceConfiguration(name: name, socket: socket, mode: mode, tap: tap, queuePairs: queuePairs,
                                                queueSize: queueSize, mac: mac, mtu: mtu, offloads: offloads,
-                                               maximumGuestMemory: UInt64(memoryGiB) << 30))
+                                               maximumGuestMemory: UInt64(memoryGiB) << 30,
+                                               handshakeTimeout: .milliseconds(handshakeMilliseconds)))
         }
         for (index, device) in devices.enumerated() {
             for earlier in devices[..<index] {

@@ -33,9 +33,13 @@ struct VirtioNetd: ParsableCommand {
             print("\(path): valid, \(configuration.devices.count) device(s)")
             for device in configuration.devices {
                 let offloads = device.offloads.map { set in DaemonConfiguration.offloadNames.filter { set.contains($0.value) }.keys.sorted().joined(separator: ",") } ?? "all the TAP supports"
-                print("  \(device.name): socket \(device.socket) (\(device.mode.rawValue)), tap \(device.tap), \(device.queuePairs) queue pair(s) of \(device.queueSize), mac \(device.mac), mtu \(device.mtu), offloads \(offloads)")
+                print("  \(device.name): socket \(device.socket) (\(device.mode.rawValue)), tap \(device.tap), \(device.queuePairs) queue pair(s) of \(device.queueSize), mac \(device.mac), mtu \(device.mtu), offloads \(offloads), handshake timeout \(device.handshakeTimeout)")
             }
             if let metrics = configuration.metrics { print("  metrics: http://\(metrics.host):\(metrics.port)/metrics") }
+            let limits = DescriptorLimit.current
+            let budget = DescriptorBudget(configuration: configuration, limit: limits?.hard ?? 0)
+            print("  descriptors: up to \(budget.total) (\(budget.devices.map { "\($0.name) \($0.need.total)" }.joined(separator: ", ")), the rest for the daemon)"
+                  + (limits.map { "; the hard limit here is \($0.hard)\(budget.exceedsLimit ? ", too low" : "")" } ?? ""))
             return
         }
         let configuration = try load(config!)
@@ -56,6 +60,10 @@ struct VirtioNetd: ParsableCommand {
         let logger = Logger(label: "virtio-netd")
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+
+        // Before any device opens a descriptor: many queue pairs need many more than 1024.
+        let limit = DescriptorLimit.raise(logger: logger)
+        DescriptorBudget(configuration: configuration, limit: limit).log(to: logger)
 
         let daemon = Daemon(configuration: configuration, logger: logger)
         let failures = daemon.start()

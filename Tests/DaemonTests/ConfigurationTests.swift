@@ -171,6 +171,24 @@ struct ConfigurationTests {
         expectError(configuration(replacing: 13, with: "max_guest_memory_gib = \"1T\""), line: 13, key: "device[0].max_guest_memory_gib", containing: "integer")
     }
 
+    @Test("handshake_timeout_ms: 10 s by default, per device, integer milliseconds in 100...3600000")
+    func handshakeTimeout() throws {
+        let base = try DaemonConfiguration.parse(baseConfiguration, file: "t.toml")
+        #expect(base.devices.allSatisfy { $0.handshakeTimeout == .seconds(10) })
+        let set = try DaemonConfiguration.parse(configuration(inserting: "handshake_timeout_ms = 2500", after: 8), file: "t.toml")
+        #expect(set.devices[0].handshakeTimeout == .milliseconds(2500))
+        #expect(set.devices[1].handshakeTimeout == .seconds(10), "set for one device only")
+        let edges = try DaemonConfiguration.parse(configuration(inserting: "handshake_timeout_ms = 100", after: 8)
+            .replacingOccurrences(of: "mode = \"client\"", with: "mode = \"client\"\nhandshake_timeout_ms = 3600000"), file: "t.toml")
+        #expect(edges.devices.map(\.handshakeTimeout) == [.milliseconds(100), .seconds(3600)])
+        expectError(configuration(inserting: "handshake_timeout_ms = 99", after: 8), line: 9, key: "device[0].handshake_timeout_ms", containing: "99 is outside")
+        expectError(configuration(inserting: "handshake_timeout_ms = 3600001", after: 17), line: 18, key: "device[1].handshake_timeout_ms")
+        expectError(configuration(inserting: "handshake_timeout_ms = -5", after: 8), line: 9, key: "device[0].handshake_timeout_ms")
+        expectError(configuration(inserting: "handshake_timeout_ms = 9223372036854775807", after: 8), line: 9, key: "device[0].handshake_timeout_ms")
+        expectError(configuration(inserting: "handshake_timeout_ms = \"10s\"", after: 8), line: 9, key: "device[0].handshake_timeout_ms", containing: "integer")
+        expectError(configuration(inserting: "handshake_timeout_ms = 1.5", after: 8), line: 9, key: "device[0].handshake_timeout_ms", containing: "integer")
+    }
+
     @Test("Bad MAC addresses")
     func badMAC() {
         for text in ["52:54:00:zz:00:01", "52:54:00:00:01", "52:54:00:00:00:01:02", "", "525400000001"] {

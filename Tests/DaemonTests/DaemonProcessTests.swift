@@ -180,15 +180,19 @@ func isARPReply(_ frame: [UInt8], to mac: MACAddress, from senderIP: [UInt8]) ->
 final class DaemonProcess {
     let process = Process()
     let directory: String
-    init(namespace: TestNamespace, configuration: String, directory: String) throws {
+    /// `openFiles`: "SOFT:HARD" for RLIMIT_NOFILE, set with prlimit before the daemon starts.
+    init(namespace: TestNamespace, configuration: String, directory: String, openFiles: String? = nil) throws {
         guard let daemonPath else { throw Frontend.FrontendError("virtio-netd is not built") }
         self.directory = directory
         let file = directory + "/virtio-netd.toml"
         try configuration.write(toFile: file, atomically: true, encoding: .utf8)
         _ = FileManager.default.createFile(atPath: directory + "/stdout", contents: nil)
         _ = FileManager.default.createFile(atPath: directory + "/stderr", contents: nil)
-        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        process.arguments = ["netns", "exec", namespace.name, daemonPath, "--config", file]
+        // prlimit and ip both exec what follows them: the process is the daemon's once it runs.
+        let command = ["/usr/sbin/ip", "netns", "exec", namespace.name, daemonPath, "--config", file]
+        let full = openFiles.map { [prlimitPath, "--nofile=\($0)"] + command } ?? command
+        process.executableURL = URL(fileURLWithPath: full[0])
+        process.arguments = Array(full.dropFirst())
         process.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: directory + "/stdout"))
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: directory + "/stderr"))
         process.standardInput = FileHandle.nullDevice
@@ -217,6 +221,22 @@ final class DaemonProcess {
 
 private let isRoot = getuid() == 0
 private let ipAvailable = FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip")
+let prlimitPath = "/usr/bin/prlimit"
+private let prlimitAvailable = FileManager.default.isExecutableFile(atPath: prlimitPath)
+
+/// The soft and hard "Max open files" of a process, from /proc/PID/limits.
+func openFileLimits(of pid: Int32) -> (soft: String, hard: String)? {
+    guard let text = try? String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8),
+          let line = text.split(separator: "\n").first(where: { $0.hasPrefix("Max open files") }) else { return nil }
+    let fields = line.dropFirst("Max open files".count).split(separator: " ")
+    guard fields.count >= 2 else { return nil }
+    return (String(fields[0]), String(fields[1]))
+}
+
+/// How many descriptors a process has open, from /proc/PID/fd.
+func openDescriptorCount(of pid: Int32) -> Int? {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd"))?.count
+}
 
 @Suite("virtio-netd as a process", .serialized)
 struct DaemonProcessTests {
@@ -475,6 +495,95 @@ struct DaemonProcessTests {
             _ = eventually { !daemon.process.isRunning }
             Issue.record("the daemon died: \(daemon.process.terminationReason == .uncaughtSignal ? "signal" : "exit status") \(daemon.process.terminationStatus); log:\n\(daemon.log)")
         }
+    }
+
+    @Test("A second connection to an attached device is closed at once and logged with the device and socket; a silent one is dropped after handshake_timeout_ms",
+          .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
+    func secondAndSilentConnections() throws {
+        _ = try #require(daemonPath)
+        let namespace = try TestNamespace()
+        defer { namespace.delete() }
+        let directory = try TemporaryDirectory("vu-daemon")
+        defer { directory.remove() }
+        let socket = directory.path + "/h.sock"
+        let tag = String(getpid() % 100_000)
+        let text = "[[device]]\nname = \"held\"\nsocket = \"\(socket)\"\ntap = \"vut\(tag)h\"\nhandshake_timeout_ms = 300\n"
+        let daemon = try DaemonProcess(namespace: namespace, configuration: text, directory: directory.path)
+        defer { daemon.kill9() }
+
+        let silent = try Frontend.connect(path: socket, timeout: 30)
+        #expect(silent.waitForClose(timeout: 10), "a connection that sends nothing is dropped")
+        let first = try Frontend.connect(path: socket)
+        let guest = try first.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20))
+        let second = try Frontend.connect(path: socket)
+        #expect(second.waitForClose(timeout: 10), "the second connection is closed at once")
+        #expect(try first.getFeatures() != 0, "the first frontend is still served")
+        #expect(guest.transmit(ethernetFrame(length: 60, destination: .broadcast)))
+        #expect(eventually { daemon.log.contains("a frontend is already attached") }, "\(daemon.log)")
+        let line = daemon.log.split(separator: "\n").first { $0.contains("a frontend is already attached") }.map(String.init) ?? ""
+        #expect(line.contains("warning") && line.contains("device=held") && line.contains("socket=\(socket)"), "\(line)")
+        #expect(daemon.log.contains("too slow"), "the dropped silent connection is logged: \(daemon.log)")
+        #expect(daemon.terminate() == 0, "\(daemon.log)")
+    }
+
+    @Test("The daemon raises its soft descriptor limit to the hard one, warns when its devices may need more, and reports each device's descriptors in the metrics",
+          .enabled(if: isRoot && ipAvailable && prlimitAvailable, "needs root, iproute2 and prlimit"))
+    func descriptorLimit() throws {
+        _ = try #require(daemonPath)
+        let namespace = try TestNamespace()
+        defer { namespace.delete() }
+        let directory = try TemporaryDirectory("vu-daemon")
+        defer { directory.remove() }
+        let tag = String(getpid() % 100_000)
+        let port = UInt16(20000 + (getpid() + 7) % 20000)
+        let sockets = [directory.path + "/fa.sock", directory.path + "/fb.sock"]
+        // Each device may need 10 per queue pair + 13 = 173 descriptors: 346 in all, over the hard limit of 300.
+        let text = """
+        [daemon]
+        metrics = "127.0.0.1:\(port)"
+
+        [[device]]
+        name = "fa"
+        socket = "\(sockets[0])"
+        tap = "vut\(tag)fa"
+        queue_pairs = 16
+
+        [[device]]
+        name = "fb"
+        socket = "\(sockets[1])"
+        tap = "vut\(tag)fb"
+        queue_pairs = 16
+        """
+        let daemon = try DaemonProcess(namespace: namespace, configuration: text, directory: directory.path, openFiles: "64:300")
+        defer { daemon.kill9() }
+        #expect(eventually(timeout: 30) { sockets.allSatisfy { access($0, F_OK) == 0 } || !daemon.process.isRunning })
+        try #require(daemon.process.isRunning, "the daemon runs: \(daemon.log)")
+        let pid = daemon.process.processIdentifier
+
+        let limits = openFileLimits(of: pid)
+        #expect(limits?.soft == "300" && limits?.hard == "300", "soft raised to hard: \(limits.map { "\($0)" } ?? "unreadable")")
+        let warning = daemon.log.split(separator: "\n").first { $0.contains("warning") && $0.contains("descriptor") }.map(String.init)
+        #expect(warning?.contains("limit=300") == true, "a warning names the limit: \(daemon.log)")
+        #expect(daemon.log.split(separator: "\n").contains { $0.contains("device=fa") && $0.contains("descriptors_worst_case=173") }, "\(daemon.log)")
+
+        // A frontend on two of fa's queue pairs: its rings' eventfds and workers are counted.
+        let frontend = try Frontend.connect(path: sockets[0])
+        _ = try frontend.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20), queuePairs: 2)
+        let body = try namespace.run { try httpGet(port: port, path: "/metrics") }
+        let heldA = metricValue(body, name: "virtio_net_descriptors_held", labels: ["device": "fa"])
+        let heldB = metricValue(body, name: "virtio_net_descriptors_held", labels: ["device": "fb"])
+        // fa: 16 TAP queues and its control socket, the service's listener, stop eventfd and
+        // connection, kick and call of 4 rings, an epoll and a stop eventfd for each of 2 workers.
+        #expect((heldA ?? 0) >= 17 + 3 + 8 + 4, "fa holds at least 32: \(heldA.map { "\($0)" } ?? "missing") in\n\(body)")
+        #expect((heldA ?? .infinity) <= 173)
+        #expect((heldB ?? 0) >= 17 + 2 && (heldB ?? .infinity) < (heldA ?? 0), "fb, without a frontend: \(heldB.map { "\($0)" } ?? "missing")")
+        #expect(metricValue(body, name: "virtio_net_descriptors_worst_case", labels: ["device": "fa"]) == 173)
+        #expect(body.contains("virtio_net_descriptor_limit 300"), "\(body)")
+        if let open = openDescriptorCount(of: pid), let heldA, let heldB {
+            #expect(Double(open) >= heldA + heldB, "the process has \(open) open; the devices hold \(heldA) + \(heldB)")
+        }
+        frontend.close()
+        #expect(daemon.terminate() == 0, "\(daemon.log)")
     }
 
     @Test("A frontend that shrinks guest RAM under running rings cannot kill the daemon: its rings stop (SET_VRING_ERR), the other device is served",

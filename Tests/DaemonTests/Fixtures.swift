@@ -20,6 +20,45 @@ let peerMAC = MACAddress(0x52, 0x54, 0x00, 0x00, 0x00, 0x02)
 /// A logger that drops everything (the code under test logs refusals at error level on purpose).
 let quietLogger = Logger(label: "daemon-tests", factory: { _ in SwiftLogNoOpLogHandler() })
 
+/// Keeps what is logged through its loggers, to check that something was logged, at which level and
+/// with which metadata.
+final class LogCapture: Sendable {
+    struct Record: Sendable {
+        var level: Logger.Level
+        var message: String
+        var metadata: [String: String]
+    }
+    private let stored = Mutex<[Record]>([])
+
+    var records: [Record] { stored.withLock { $0 } }
+
+    /// A logger (everything from trace up) whose records land here, with `metadata` on each.
+    func logger(metadata: [String: String] = [:]) -> Logger {
+        var logger = Logger(label: "daemon-tests-capture") { _ in Handler(capture: self) }
+        logger.logLevel = .trace
+        for (key, value) in metadata { logger[metadataKey: key] = "\(value)" }
+        return logger
+    }
+
+    fileprivate func append(_ record: Record) { stored.withLock { $0.append(record) } }
+
+    private struct Handler: LogHandler {
+        let capture: LogCapture
+        var metadata: Logger.Metadata = [:]
+        var logLevel: Logger.Level = .trace
+        subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+            get { metadata[key] }
+            set { metadata[key] = newValue }
+        }
+        func log(event: LogEvent) {
+            var all: [String: String] = [:]
+            for (key, value) in metadata { all[key] = "\(value)" }
+            for (key, value) in event.metadata ?? [:] { all[key] = "\(value)" }
+            capture.append(Record(level: event.level, message: "\(event.message)", metadata: all))
+        }
+    }
+}
+
 /// An Ethernet frame of exactly `length` bytes (>= 14) with a payload recognisable by `seed`.
 func ethernetFrame(length: Int, destination: MACAddress = deviceMAC, source: MACAddress = peerMAC, seed: UInt8 = 0) -> [UInt8] {
     var frame = destination.array + source.array + [0x08, 0x00]
@@ -65,13 +104,14 @@ final class ServedDevice: Sendable {
     var path: String { service.path }
 
     init(queuePairs: Int = 1, mtu: Int = 1500, maximumQueueSize: Int = 256, mac: MACAddress = deviceMAC,
+         handshakeTimeout: Duration = .seconds(10), logger: Logger = quietLogger,
          memoryLimit: UInt64 = VhostUserBackend.defaultMemoryLimit) throws {
         directory = try TemporaryDirectory()
         backend = try LoopbackBackend(queuePairs: queuePairs)
         device = try NetDevice(configuration: NetConfiguration(mac: mac, mtu: mtu, queuePairs: queuePairs, maximumQueueSize: maximumQueueSize),
                                backend: backend, logger: quietLogger)
-        service = try VhostUserService(path: directory.path + "/vhost.sock", mode: .server, device: device, logger: quietLogger,
-                                       memoryLimit: memoryLimit)
+        service = try VhostUserService(path: directory.path + "/vhost.sock", mode: .server, device: device, logger: logger,
+                                       handshakeTimeout: handshakeTimeout, memoryLimit: memoryLimit)
         try service.start()
     }
 

@@ -130,6 +130,94 @@ struct VhostUserServiceTests {
         served.directory.remove()
     }
 
+    @Test("Server mode: a second connection while a frontend is attached is closed at once, with a warning naming the device and socket; the first goes on")
+    func secondConnectionIsRefusedPromptly() throws {
+        let capture = LogCapture()
+        let name = "second-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let served = try ServedDevice(logger: capture.logger(metadata: ["device": name]))
+        defer { served.stop() }
+        let first = try served.connect()
+        let guest = try first.negotiate(memory: try SimulatedGuestMemory())
+        #expect(roundTrip(guest, sizes: [60]))
+
+        for attempt in 0..<3 {
+            let second = try served.connect()
+            let started = monotonicNow()
+            #expect(second.waitForClose(timeout: 10), "attempt \(attempt): the second connection is closed, not left hanging")
+            #expect(monotonicNow() - started < 5, "attempt \(attempt): closed promptly")
+        }
+        // The first frontend is still served: a round trip and traffic.
+        #expect(try first.getFeatures() != 0)
+        #expect(roundTrip(guest, sizes: [60, 1514], seed: 9))
+        #expect(served.service.connectionCount == 1, "refused connections are not frontends")
+        #expect(served.service.refusedCount == 3)
+        let warnings = capture.records.filter { $0.level == .warning && $0.metadata["socket"] == served.path }
+        #expect(warnings.count == 3, "one warning per refused connection: \(capture.records.map { "\($0.level) \($0.message) \($0.metadata)" })")
+        #expect(warnings.allSatisfy { $0.metadata["device"] == name }, "the warning names the device")
+    }
+
+    @Test("A connection that sends nothing is dropped after the handshake timeout; the next frontend is served")
+    func silentConnectionIsDropped() throws {
+        let served = try ServedDevice(handshakeTimeout: .milliseconds(200))
+        defer { served.stop() }
+        let silent = try served.connect()
+        #expect(silent.waitForClose(timeout: 10), "a connection that never sends a message is closed")
+        let frontend = try served.connect()
+        let guest = try frontend.negotiate(memory: try SimulatedGuestMemory())
+        #expect(roundTrip(guest, sizes: [60, 1514]))
+    }
+
+    @Test("A connection that stops in the middle of a message is dropped after the handshake timeout",
+          arguments: ["in the first header", "in a header after a round trip", "in a payload after a round trip"])
+    func halfSentMessageIsDropped(_ where_: String) throws {
+        let served = try ServedDevice(handshakeTimeout: .milliseconds(200))
+        defer { served.stop() }
+        let frontend = try served.connect()
+        let header = Frontend.header(request: Frontend.Request.setFeatures.rawValue, flags: Frontend.version, size: 8)
+        switch where_ {
+        case "in the first header":
+            try frontend.sendRaw(Array(header.prefix(5)))
+        case "in a header after a round trip":
+            #expect(try frontend.getFeatures() != 0)
+            try frontend.sendRaw(Array(header.prefix(11)))
+        default:
+            #expect(try frontend.getFeatures() != 0)
+            try frontend.sendRaw(header + [0x01, 0x02, 0x03])
+        }
+        #expect(frontend.waitForClose(timeout: 10), "\(where_): the connection is closed")
+        let next = try served.connect()
+        let guest = try next.negotiate(memory: try SimulatedGuestMemory())
+        #expect(roundTrip(guest, sizes: [60]))
+    }
+
+    @Test("An established frontend that stays quiet for longer than the handshake timeout keeps its connection")
+    func quietFrontendIsKept() throws {
+        let served = try ServedDevice(handshakeTimeout: .milliseconds(100))
+        defer { served.stop() }
+        let frontend = try served.connect()
+        let guest = try frontend.negotiate(memory: try SimulatedGuestMemory())
+        // Ten times the timeout without a message (QEMU is quiet in steady state): still connected.
+        #expect(!frontend.waitForClose(timeout: 1), "a quiet established connection was dropped")
+        #expect(try frontend.getFeatures() != 0)
+        #expect(roundTrip(guest, sizes: [60, 1514]))
+        #expect(served.device.isActive)
+    }
+
+    @Test("stop() returns promptly while a frontend is attached and a second connection waits")
+    func stopWithASecondConnectionWaiting() throws {
+        let served = try ServedDevice()
+        let first = try served.connect()
+        _ = try first.negotiate(memory: try SimulatedGuestMemory())
+        let second = try served.connect()
+        let silent = try served.connect()
+        let started = monotonicNow()
+        served.stop()
+        #expect(monotonicNow() - started < 5)
+        #expect(first.waitForClose())
+        #expect(second.waitForClose())
+        #expect(silent.waitForClose())
+    }
+
     @Test("A server socket path that is taken by a live service, or is not a socket, is refused")
     func socketPathChecks() throws {
         let served = try ServedDevice()
