@@ -1,4 +1,5 @@
 import GuestMemory
+import Logging
 import VirtioNet
 import VirtioNetTestSupport
 
@@ -25,3 +26,6 @@ func makeLoopbackDevice(
     let driver = try SimulatedNetDriver(device: device, wanted: features, queueSize: queueSize, guest: guest, threaded: threaded)
     return (device, driver, backend)
 }
+
+/// A logger that drops everything (hostile-guest tests provoke warnings on purpose).
+let quietLogger = Logger(label: "virtio-net-tests", factory: { _ in SwiftLogNoOpLogHandler() })

@@ -17,7 +17,8 @@ private func makeDevice(queueSize: Int = 256, without: VirtioNetFeatures = [], t
 {
     let backend = try LoopbackBackend()
     let device = try NetDevice(
-        configuration: NetConfiguration(mac: guestMAC, mtu: 65535, maximumQueueSize: 32768), backend: backend)
+        configuration: NetConfiguration(mac: guestMAC, mtu: 65535, maximumQueueSize: 32768), backend: backend,
+        logger: quietLogger)
     let guest = try SimulatedGuestMemory(regionSize: 64 << 20)
     let driver = try SimulatedNetDriver(device: device, wanted: device.offeredFeatures.subtracting(without),
                                         queueSize: queueSize, guest: guest, threaded: threaded)
