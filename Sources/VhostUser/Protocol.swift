@@ -97,7 +97,9 @@ public struct VhostUserProtocolFeatures: OptionSet, Sendable, CustomStringConver
     public static let status = Self(rawValue: 1 << 16)
 
     /// What this backend implements.
-    public static let supported: Self = [.mq, .rarp, .replyAck, .netMTU, .config, .resetDevice, .configureMemSlots, .status]
+    /// CONFIG is not offered: QEMU's net frontend does not use it and warns when a backend offers it
+    /// (GET_CONFIG is still answered).
+    public static let supported: Self = [.mq, .rarp, .replyAck, .netMTU, .resetDevice, .configureMemSlots, .status]
 
     public var description: String { "0x" + String(rawValue, radix: 16) }
 }

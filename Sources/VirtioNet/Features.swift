@@ -45,6 +45,27 @@ public struct VirtioNetFeatures: OptionSet, Hashable, Sendable, CustomStringConv
         (.ctrlRx, .ctrlVQ, []), (.mq, .ctrlVQ, []), (.ctrlMACAddress, .ctrlVQ, []), (.ctrlGuestOffloads, .ctrlVQ, []),
     ]
 
+    /// What a device can honour of what a driver acknowledged, and what it leaves unused.
+    ///
+    /// Drivers in the field acknowledge features whose prerequisites they left out: Linux takes
+    /// GUEST_TSO4 without GUEST_CSUM when QEMU runs with `guest_csum=off`. Such a feature cannot work
+    /// (segmented frames need partial checksums), so it is not used, but the driver's choice stands
+    /// and the device goes on with the rest, as QEMU's and DPDK's backends do.
+    public var usable: (features: VirtioNetFeatures, ignored: VirtioNetFeatures) {
+        var features = self
+        var changed = true
+        while changed {
+            changed = false
+            for rule in Self.requirements where features.contains(rule.feature) {
+                if !features.isSuperset(of: rule.needsAll) || (!rule.needsAny.isEmpty && features.intersection(rule.needsAny).isEmpty) {
+                    features.remove(rule.feature)
+                    changed = true
+                }
+            }
+        }
+        return (features, subtracting(features))
+    }
+
     /// The first feature in `self` whose prerequisites are missing from `self`.
     public var missingPrerequisite: VirtioNetFeatures? {
         for rule in Self.requirements where contains(rule.feature) {

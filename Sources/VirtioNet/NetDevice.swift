@@ -96,6 +96,8 @@ public final class NetDevice: Sendable {
 
     private struct State {
         var negotiated: VirtioNetFeatures?
+        /// The last set acknowledged, kept across resets.
+        var lastAcknowledged: VirtioNetFeatures?
         var control = ControlState()
         var needsReset = false
         var linkUp = true
@@ -132,6 +134,9 @@ public final class NetDevice: Sendable {
 
     /// What the driver acknowledged; nil before `acknowledge(features:)` and after `reset()`.
     public var negotiatedFeatures: VirtioNetFeatures? { state.withLock { $0.negotiated } }
+
+    /// What the device uses of the acknowledged features: those without their prerequisites left out.
+    public var effectiveFeatures: VirtioNetFeatures? { negotiatedFeatures?.usable.features }
 
     /// Set when the guest broke a ring: DEVICE_NEEDS_RESET. Cleared by `reset()`.
     public var needsReset: Bool { state.withLock { $0.needsReset } }
@@ -170,24 +175,35 @@ public final class NetDevice: Sendable {
         state.withLock { $0.mtu = mtu }
     }
 
-    /// The driver's FEATURES_OK: refused unless the features were offered and are self-consistent.
+    /// The driver's FEATURES_OK: refused only if a feature was not offered. A feature whose
+    /// prerequisites the driver left out is accepted but not used (see `VirtioNetFeatures.usable`);
+    /// the device says so once in its log, at notice level.
     public func acknowledge(features: VirtioNetFeatures) throws(NetDeviceError) {
         let notOffered = features.subtracting(offeredFeatures)
         guard notOffered.isEmpty else { throw .featuresNotOffered(notOffered) }
-        if let feature = features.missingPrerequisite { throw .missingPrerequisite(feature) }
         guard features.contains(.version1) else { throw .legacyDriver }
-        try state.withLock { (state) throws(NetDeviceError) in
+        let (usable, ignored) = features.usable
+        let firstTime = try state.withLock { (state) throws(NetDeviceError) -> Bool in
             guard state.active == nil else { throw .invalidState("features changed while the device is active") }
+            // Once per set: rings restarted with the same features say nothing new.
+            let firstTime = state.lastAcknowledged != features
+            state.lastAcknowledged = features
             state.negotiated = features
             state.control = ControlState()
-            state.control.guestOffloads = features.intersection(.guestOffloads)
+            state.control.guestOffloads = usable.intersection(.guestOffloads)
+            return firstTime
+        }
+        if !ignored.isEmpty && firstTime {
+            logger.notice("driver acknowledged features without their prerequisites; they are not used", metadata: [
+                "ignored": "\(ignored)", "acknowledged": "\(features)",
+            ])
         }
         filterCell.update { filter, mac in
             filter = ReceiveFilter()
             mac = configuration.mac
         }
         do {
-            try backend.setReceiveOffloads(OffloadSet(guestFeatures: features))
+            try backend.setReceiveOffloads(OffloadSet(guestFeatures: usable))
             try backend.setActiveQueuePairs(1)
         } catch {
             throw .backend(error.description)
@@ -202,7 +218,7 @@ public final class NetDevice: Sendable {
     /// The driver's DRIVER_OK: validates and maps every queue given, then starts the workers (with
     /// `.workerThreads`, every queue needs a kick eventfd). Queues not given stay unused.
     public func activate(memory: GuestMemory, queues: [QueueConfiguration], drive: DriveMode = .workerThreads) throws(NetDeviceError) {
-        guard let features = negotiatedFeatures else { throw .invalidState("activate before features were acknowledged") }
+        guard let features = effectiveFeatures else { throw .invalidState("activate before features were acknowledged") }
         let controlIndex = features.contains(.ctrlVQ) ? controlQueueIndex(features: features) : -1
         let pairs = configuration.queuePairs
         let ringFeatures = RingFeatures(
@@ -423,7 +439,7 @@ public final class NetDevice: Sendable {
 
     /// Executes one control command and applies its effect.
     func executeControl(_ command: [UInt8]) -> ControlAck {
-        guard let negotiated = negotiatedFeatures else { return .error }
+        guard let negotiated = effectiveFeatures else { return .error }
         var effect = ControlEffect.none
         let ack = state.withLock { state -> ControlAck in
             var control = state.control

@@ -339,7 +339,7 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
 
     /// The protocol features `negotiate` asks for by default (those QEMU's vhost-user-net uses).
     public static let defaultProtocolFeatures: UInt64 = ProtocolFeature.mq | ProtocolFeature.replyAck | ProtocolFeature.netMTU
-        | ProtocolFeature.config | ProtocolFeature.configureMemSlots | ProtocolFeature.status | ProtocolFeature.rarp
+        | ProtocolFeature.configureMemSlots | ProtocolFeature.status | ProtocolFeature.rarp
 
     /// Brings the device up in QEMU's order: GET_FEATURES, SET_FEATURES (offered ∩ `wanted`, plus bit
     /// 30 when `protocolFeatures` is not nil and offered), GET/SET_PROTOCOL_FEATURES (supported ∩

@@ -109,7 +109,7 @@ final class ServedDevice: Sendable {
         directory = try TemporaryDirectory()
         backend = try LoopbackBackend(queuePairs: queuePairs)
         device = try NetDevice(configuration: NetConfiguration(mac: mac, mtu: mtu, queuePairs: queuePairs, maximumQueueSize: maximumQueueSize),
-                               backend: backend, logger: quietLogger)
+                               backend: backend, logger: logger)
         service = try VhostUserService(path: directory.path + "/vhost.sock", mode: .server, device: device, logger: logger,
                                        handshakeTimeout: handshakeTimeout, memoryLimit: memoryLimit)
         try service.start()

@@ -389,9 +389,6 @@ let validationCases: [ValidationCase] = [
         #expect(isErrorAck(c.send(.setFeatures, payload: LE.u64(offered & ~(1 << 32)))))
         #expect(isErrorAck(c.send(.setFeatures, payload: LE.u64(0))))
     },
-    ValidationCase("SET_FEATURES with a feature whose prerequisite is missing (HOST_TSO4 without CSUM)", .acked) { c in
-        #expect(isErrorAck(c.send(.setFeatures, payload: LE.u64(1 << 32 | 1 << 11))))
-    },
     ValidationCase("SET_PROTOCOL_FEATURES with LOG_SHMFD, BACKEND_REQ or INBAND_NOTIFICATIONS", .acked) { c in
         typealias P = Frontend.ProtocolFeature
         for bits in [P.logShmfd, P.backendReq, P.inbandNotifications, 1 << 63] {

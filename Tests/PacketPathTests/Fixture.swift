@@ -197,6 +197,10 @@ extension SimulatedNetDriver {
 /// A flag one thread sets and another polls.
 final class StopFlag: Sendable {
     private let value = Atomic<Bool>(false)
+    private let progress = Atomic<Int>(0)
     func set() { value.store(true, ordering: .releasing) }
     var isSet: Bool { value.load(ordering: .acquiring) }
+    /// What the stoppable work has done so far (for a test to wait on before it stops it).
+    func advance() { progress.add(1, ordering: .relaxed) }
+    var done: Int { progress.load(ordering: .relaxed) }
 }

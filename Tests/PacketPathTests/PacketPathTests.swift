@@ -433,7 +433,10 @@ struct PacketPathTests {
                     var sent = 0
                     var iterations = 0
                     while !stop.isSet && iterations < 20_000_000 {
-                        if flooder.trySend(Packet.pattern(count: 200), to: Guest.ipv4, port: 7011) { sent += 1 }
+                        if flooder.trySend(Packet.pattern(count: 200), to: Guest.ipv4, port: 7011) {
+                            sent += 1
+                            stop.advance()
+                        }
                         iterations += 1
                     }
                     return sent
@@ -448,6 +451,9 @@ struct PacketPathTests {
             #expect(try sink.receive { _ in true } != nil, "nothing from the guest reached B")
             let flowing = driver!.collect(pairs: [0, 1]) { !$0.isEmpty }
             #expect(!flowing.isEmpty, "nothing from B reached the guest")
+
+            // The flood is under way (a loaded machine may start its thread late).
+            #expect(Wait.until(timeout: .seconds(20)) { stop.done > 0 }, "B's flood never started")
 
             // More frames in flight in both rings, then reset while the workers are busy.
             for index in 0..<200 { _ = driver!.transmit(guestFrame(index), pair: index % 2) }

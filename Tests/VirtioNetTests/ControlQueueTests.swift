@@ -135,11 +135,23 @@ struct FeatureTests {
             try device.acknowledge(features: [.version1, .guestCsum, .guestTSO4])
         }
         #expect(throws: NetDeviceError.featuresNotOffered(.mq)) { try device.acknowledge(features: [.version1, .mq, .ctrlVQ]) }
-        #expect(throws: NetDeviceError.missingPrerequisite(.ctrlRx)) { try device.acknowledge(features: [.version1, .ctrlRx]) }
         #expect(throws: NetDeviceError.legacyDriver) { try device.acknowledge(features: [.mac]) }
         #expect(device.negotiatedFeatures == nil)
         try device.acknowledge(features: [.version1, .mac, .csum])
         #expect(device.negotiatedFeatures == [.version1, .mac, .csum])
+    }
+
+    @Test("Features acknowledged without their prerequisites are accepted and not used (as real drivers do)")
+    func featuresWithoutPrerequisites() throws {
+        let backend = try LoopbackBackend()
+        let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC), backend: backend)
+        let acknowledged: VirtioNetFeatures = [.version1, .ctrlRx, .guestTSO4, .guestECN, .hostTSO6, .hostECN, .mergeableRxBuffers]
+        try device.acknowledge(features: acknowledged)
+        #expect(device.negotiatedFeatures == acknowledged)
+        #expect(device.effectiveFeatures == [.version1, .mergeableRxBuffers])
+        #expect(backend.enabledReceiveOffloads == [])
+        #expect(VirtioNetFeatures([.guestCsum, .guestTSO4, .guestECN]).usable.ignored == [])
+        #expect(VirtioNetFeatures([.guestCsum, .guestECN]).usable.ignored == .guestECN, "ECN needs TSO")
     }
 
     @Test func configSpaceLayout() throws {
