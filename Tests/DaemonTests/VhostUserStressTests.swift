@@ -14,6 +14,30 @@ import VirtioNetTestSupport
 /// The stress device's MAC: its service thread is "vhost-57:e5", a name no other test's device uses.
 let stressMAC = MACAddress(0x52, 0x54, 0x00, 0x5e, 0x57, 0xe5)
 
+/// The storm, and what it checks.
+///
+/// A `NetDevice` with two queue pairs on a loopback backend (frames sent on pair N come back on pair
+/// N's receive side; `ContractCheckingBackend` also checks that only pair N's worker calls it for queue
+/// N) is served by a `VhostUserService` on a unix socket. A simulated frontend negotiates, then one
+/// thread per queue pair plays the guest (`GuestPair`): it keeps its RX ring full of 2048-byte
+/// buffers, sends tagged frames on its TX ring, injects tagged frames into the backend's queue as a
+/// TAP's peer would, and reaps and checks every used entry. Meanwhile the storm thread sends a
+/// seeded-random sequence of messages (`StressScenario.Action`) in the order the protocol asks for.
+///
+/// The guest's model is exact: a chain's head owns its buffer until the chain comes back, so a used
+/// entry must name an outstanding head (and then it is not outstanding any more); a TX used entry has
+/// length 0; an RX buffer must hold a zero header with num_buffers 1 and a tagged frame that is byte
+/// for byte the one sent, never one that was not sent, never twice. A stopped ring has nothing in
+/// flight, so GET_VRING_BASE must report exactly the ring's used.idx; the guest resumes from that
+/// base (SET_VRING_BASE), and the chains the device had not consumed are consumed after the restart.
+/// At RESET_DEVICE the guest threads pause, the outstanding chains must be exactly avail.idx - used.idx
+/// of each ring and are abandoned (a TX frame abandoned so must never arrive), and the backend must
+/// hold no copy of any ring eventfd. After the storm every ring runs again and the guests drain: each
+/// frame whose TX chain came back, and each injected frame, arrived or was counted as a receive drop
+/// (a frame the device had read into its bounce buffer when a ring stopped); then 100 more frames each
+/// way per pair must all arrive with no drop. At the end, with every ring stopped, the device's frame
+/// counters must equal what the guests saw, and after the frontend leaves no worker, service thread,
+/// socket, copy of a ring eventfd or memfd, or mapping of guest memory may remain.
 @Suite("vhost-user: ring-restarting messages while two queue pairs carry traffic")
 struct VhostUserStressTests {
     @Test("""
