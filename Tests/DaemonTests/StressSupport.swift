@@ -540,48 +540,39 @@ final class GuestRing: @unchecked Sendable {
 
 // MARK: Eventfds
 
-/// The kick and call eventfds of every ring: the storm replaces them, the guest threads use them.
-/// Replaced ones are kept open for a while (the last 32), so that the end of the test can check that
-/// the backend closed its copies of them too.
+/// The kick, call and error eventfds of every ring: the storm replaces them, the guest threads use
+/// the kick and call ones. Replaced ones are kept open for a while (the last 32), so that the end of
+/// the test can check that the backend closed its copies of them too.
 final class RingEventFDs: Sendable {
-    private let state: Mutex<(kicks: [EventFD], calls: [EventFD], retired: [EventFD])>
+    enum Kind: Int, CaseIterable { case kick, call, error }
+    private let state: Mutex<(current: [[EventFD]], retired: [EventFD])>
 
     init(rings: Int) throws {
-        var kicks: [EventFD] = [], calls: [EventFD] = []
-        for _ in 0..<rings {
-            kicks.append(try EventFD())
-            calls.append(try EventFD())
-        }
-        state = Mutex((kicks, calls, []))
+        var current: [[EventFD]] = []
+        for _ in Kind.allCases { current.append(try (0..<rings).map { _ in try EventFD() }) }
+        state = Mutex((current, []))
     }
 
-    func kick(_ ring: Int) -> EventFD { state.withLock { $0.kicks[ring] } }
-    func call(_ ring: Int) -> EventFD { state.withLock { $0.calls[ring] } }
+    func kick(_ ring: Int) -> EventFD { self[.kick, ring] }
+    func call(_ ring: Int) -> EventFD { self[.call, ring] }
+    subscript(kind: Kind, ring: Int) -> EventFD { state.withLock { $0.current[kind.rawValue][ring] } }
 
-    /// A new kick eventfd for `ring`; the old one is retired.
-    func replaceKick(_ ring: Int) throws -> EventFD {
+    /// A new eventfd of `kind` for `ring`; the old one is retired.
+    func replace(_ kind: Kind, _ ring: Int) throws -> EventFD {
         let fresh = try EventFD()
         state.withLock { state in
-            state.retired.append(state.kicks[ring])
-            state.kicks[ring] = fresh
+            state.retired.append(state.current[kind.rawValue][ring])
+            state.current[kind.rawValue][ring] = fresh
             if state.retired.count > 32 { state.retired.removeFirst() }
         }
         return fresh
     }
 
-    func replaceCall(_ ring: Int) throws -> EventFD {
-        let fresh = try EventFD()
-        state.withLock { state in
-            state.retired.append(state.calls[ring])
-            state.calls[ring] = fresh
-            if state.retired.count > 32 { state.retired.removeFirst() }
-        }
-        return fresh
-    }
+    func replaceKick(_ ring: Int) throws -> EventFD { try replace(.kick, ring) }
+    func replaceCall(_ ring: Int) throws -> EventFD { try replace(.call, ring) }
 
     /// Every eventfd held now: current and retired.
-    var all: [EventFD] { state.withLock { $0.kicks + $0.calls + $0.retired } }
-    var current: [EventFD] { state.withLock { $0.kicks + $0.calls } }
+    var all: [EventFD] { state.withLock { $0.current.flatMap { $0 } + $0.retired } }
 }
 
 // MARK: /proc

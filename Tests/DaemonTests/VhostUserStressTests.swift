@@ -450,7 +450,7 @@ final class StressScenario: @unchecked Sendable {
     }
 
     enum Action: String, CaseIterable {
-        case stopRing, restartRing, disableRing, enableRing, newCall, newKick
+        case stopRing, restartRing, disableRing, enableRing, newCall, newKick, newError
         case memoryTable, addExtraRegion, removeExtraRegion, addRegionAgain
         case sameFeatures, stopAllAndRestart, resetDevice
         case rarp, status, config, mtu
@@ -462,7 +462,7 @@ final class StressScenario: @unchecked Sendable {
             case .disableRing: 8
             case .enableRing: 12
             case .newCall: 8
-            case .newKick: 4
+            case .newKick, .newError: 4
             case .memoryTable: 5
             case .addExtraRegion, .removeExtraRegion: 4
             case .addRegionAgain: 2
@@ -667,6 +667,11 @@ final class StressScenario: @unchecked Sendable {
             if let ring = randomRing(where: { $0.stoppedAt == nil }) {
                 try frontend.setVringKick(UInt32(ring), fd: try world.eventFDs.replaceKick(ring).rawValue)
             }
+        case .newError:
+            // SET_VRING_ERR: where the device would signal a ring the guest broke (none here).
+            let ring = Int.random(in: 0..<4, using: &random)
+            let error = try world.eventFDs.replace(.error, ring)
+            try frontend.call(.setVringErr, payload: LE.u64(UInt64(ring)), fds: [error.rawValue])
         case .memoryTable:
             try setMemoryTable(withExtra: chance(1, in: 2), frontend: frontend, world: world)
         case .addExtraRegion:
