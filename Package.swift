@@ -71,8 +71,8 @@ let package = Package(
         .testTarget(
             name: "DaemonTests",
             dependencies: [
-                "VirtioNetDaemon", "VhostUser", "VirtioNet", "VirtioNetTestSupport", "GuestMemory", "Sys", "Virtqueue",
-                "CVirtioShim", .product(name: "Logging", package: "swift-log"),
+                "VirtioNetDaemon", "VhostUser", "VirtioNet", "VirtioNetTestSupport", "NetworkTestSupport", "GuestMemory", "Sys",
+                "Virtqueue", "CVirtioShim", .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(

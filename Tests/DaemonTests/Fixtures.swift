@@ -83,6 +83,23 @@ func eventually(timeout: Double = 10, _ condition: () -> Bool) -> Bool {
     }
 }
 
+/// A /proc file read to its end. /proc files report a size of 0, and Foundation's
+/// `String(contentsOfFile:)` then returns only their first 4 KiB.
+func readProcFile(_ path: String) -> String? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var data: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let count = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        if count < 0 && errno == EINTR { continue }
+        guard count > 0 else { break }
+        data += buffer.prefix(count)
+    }
+    return String(decoding: data, as: UTF8.self)
+}
+
 /// A directory of its own under /tmp, removed with everything in it by `remove()`.
 final class TemporaryDirectory: Sendable {
     let path: String

@@ -17,10 +17,12 @@ struct VhostUserNegotiationTests {
         let sizes = [60, 64, 65, 128, 512, 1000, 1514]
         #expect(roundTrip(guest, pair: 0, sizes: sizes, seed: 1))
         #expect(roundTrip(guest, pair: 1, sizes: sizes, seed: 101))
-        // Both pairs carried their own frames, counted on the device's own counters.
+        // Both pairs carried their own frames, counted on the device's own counters. A worker adds up
+        // a pass's frames after it published them, so the receive count may trail what the guest saw.
         #expect(served.device.queuePairCounters[0].transmit.frames.current == UInt64(sizes.count))
         #expect(served.device.queuePairCounters[1].transmit.frames.current == UInt64(sizes.count))
-        #expect(served.device.queuePairCounters[1].receive.frames.current == UInt64(sizes.count))
+        #expect(eventually { served.device.queuePairCounters[1].receive.frames.current == UInt64(sizes.count) },
+                "pair 1 received \(served.device.queuePairCounters[1].receive.frames.current)")
         // Interleaved traffic on both pairs at once.
         guest.postReceiveBuffers(pair: 0, count: 32)
         guest.postReceiveBuffers(pair: 1, count: 32)

@@ -291,6 +291,17 @@ struct VhostUserRingTests {
         #expect(eventually { mappings(of: second.name) == 0 && second.openCopies == 0 }, "unmapped when the frontend left")
     }
 
+    @Test("mappings(of:) sees every mapping of a file however long /proc/self/maps is (Foundation reads only its first 4 KiB)")
+    func mappingsAreCountedInAllOfProcMaps() throws {
+        // 64 more lines in /proc/self/maps: most of them lie past its first 4 KiB.
+        let probes = try (0..<64).map { _ in try ProbeFD(size: 4096) }
+        var mapped: [MemoryMapping]? = try probes.map { try MemoryMapping(fd: $0.rawValue, offset: 0, length: 4096) }
+        #expect(mapped?.count == 64)
+        #expect(probes.filter { mappings(of: $0.name) != 1 }.isEmpty, "mappings not found: \(probes.filter { mappings(of: $0.name) != 1 }.count) of 64")
+        mapped = nil
+        #expect(probes.allSatisfy { mappings(of: $0.name) == 0 }, "unmapped")
+    }
+
     @Test("RESET_DEVICE and RESET_OWNER stop the rings; negotiation on the same connection starts again",
           arguments: [Frontend.Request.resetDevice, .resetOwner])
     func resetDevice(_ request: Frontend.Request) throws {
@@ -400,7 +411,7 @@ struct VhostUserRingTests {
 
 /// Mappings of this process whose file name contains `name` (/proc/self/maps).
 func mappings(of name: String) -> Int {
-    guard let maps = try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8) else { return -1 }
+    guard let maps = readProcFile("/proc/self/maps") else { return -1 }
     return maps.split(separator: "\n").filter { $0.contains(name + " ") || $0.hasSuffix(name) }.count
 }
 
