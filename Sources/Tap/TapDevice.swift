@@ -28,7 +28,7 @@ public final class TapDevice: Sendable {
     /// True if the TAP was opened with IFF_MULTI_QUEUE (asked for, or an existing multi_queue TAP).
     public let isMultiQueue: Bool
     /// The vnet header length set with TUNSETVNETHDRSZ.
-    public let vnetHeaderSize: Int32
+    public var vnetHeaderSize: Int32 { state.withLock { $0.vnetHeaderSize } }
     /// How many queue file descriptors the device holds (one per queue pair).
     public var queueCount: Int { queues.count }
     /// Every descriptor the device holds: its queues and the socket for interface ioctls.
@@ -48,6 +48,7 @@ public final class TapDevice: Sendable {
         var offloads: TapOffloads
         /// Per queue: attached (true) or detached with TUNSETQUEUE.
         var enabled: [Bool]
+        var vnetHeaderSize: Int32
     }
 
     private init(
@@ -57,11 +58,10 @@ public final class TapDevice: Sendable {
         self.name = name
         self.createdByUs = createdByUs
         self.isMultiQueue = isMultiQueue
-        self.vnetHeaderSize = vnetHeaderSize
         self.queues = queues
         self.writers = queues.map { BurstWriter(fd: $0.rawValue) }
         self.control = control
-        self.state = Mutex(State(offloads: [], enabled: Array(repeating: true, count: queues.count)))
+        self.state = Mutex(State(offloads: [], enabled: Array(repeating: true, count: queues.count), vnetHeaderSize: vnetHeaderSize))
     }
 
     // MARK: Opening
@@ -190,6 +190,18 @@ public final class TapDevice: Sendable {
     /// Whether `queue` is attached (see ``setQueueEnabled(_:_:)``).
     public func isQueueEnabled(_ queue: Int) -> Bool {
         state.withLock { queues.indices.contains(queue) && $0.enabled[queue] }
+    }
+
+    /// Sets the vnet header length on every queue (TUNSETVNETHDRSZ): 12 for virtio 1.x and for legacy
+    /// drivers with mergeable buffers, 10 for other legacy drivers.
+    public func setVnetHeaderSize(_ size: Int32) throws(TapError) {
+        try state.withLock { (state: inout State) throws(TapError) in
+            if state.vnetHeaderSize == size { return }
+            for queue in queues {
+                _ = try Self.call(name, "ioctl(TUNSETVNETHDRSZ)") { cvs_tap_set_vnet_hdr_size(queue.rawValue, size) }
+            }
+            state.vnetHeaderSize = size
+        }
     }
 
     // MARK: Offloads

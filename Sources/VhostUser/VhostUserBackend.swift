@@ -129,7 +129,6 @@ public final class VhostUserBackend {
             guard notOffered == 0 else {
                 throw VhostUserError("SET_FEATURES acknowledges features that were not offered: 0x\(String(notOffered, radix: 16))")
             }
-            guard virtio.contains(.version1) else { throw VhostUserError("SET_FEATURES without VIRTIO_F_VERSION_1; only modern virtio is supported") }
             if features != acknowledgedFeatures {
                 let first = acknowledgedFeatures == nil
                 acknowledgedFeatures = features

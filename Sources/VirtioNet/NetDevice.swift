@@ -175,13 +175,13 @@ public final class NetDevice: Sendable {
         state.withLock { $0.mtu = mtu }
     }
 
-    /// The driver's FEATURES_OK: refused only if a feature was not offered. A feature whose
+    /// The driver's FEATURES_OK: refused only if a feature was not offered. A legacy driver (no
+    /// VERSION_1) is served with its header: 10 bytes without MRG_RXBUF, 12 with it. A feature whose
     /// prerequisites the driver left out is accepted but not used (see `VirtioNetFeatures.usable`);
     /// the device says so once in its log, at notice level.
     public func acknowledge(features: VirtioNetFeatures) throws(NetDeviceError) {
         let notOffered = features.subtracting(offeredFeatures)
         guard notOffered.isEmpty else { throw .featuresNotOffered(notOffered) }
-        guard features.contains(.version1) else { throw .legacyDriver }
         let (usable, ignored) = features.usable
         let firstTime = try state.withLock { (state) throws(NetDeviceError) -> Bool in
             guard state.active == nil else { throw .invalidState("features changed while the device is active") }
@@ -203,6 +203,7 @@ public final class NetDevice: Sendable {
             mac = configuration.mac
         }
         do {
+            try backend.setHeaderSize(VirtioNetHeader.size(for: usable))
             try backend.setReceiveOffloads(OffloadSet(guestFeatures: usable))
             try backend.setActiveQueuePairs(1)
         } catch {
@@ -326,6 +327,9 @@ public final class NetDevice: Sendable {
         for worker in active.workers { worker.stop() }
         workerCount.subtract(active.workers.count, ordering: .relaxed)
         active.workers.removeAll()
+        // A worker in the middle of its pass may have found a broken ring meanwhile: that ring
+        // belonged to this activation, and this reset is what it asked for.
+        state.withLock { $0.needsReset = false }
         var states: [QueueState] = []
         for queue in active.receive.compactMap({ $0 }) {
             queue.returnCachedChains()

@@ -1,7 +1,15 @@
 /// virtio_net_hdr_v1 (virtio 1.2, 5.1.6): the 12 bytes in front of every frame, which is also the
 /// TAP's vnet header (TUNSETVNETHDRSZ 12). Parsed from and written as explicit little-endian bytes.
 public struct VirtioNetHeader: Equatable, Sendable {
+    /// The header of virtio 1.x, and of legacy drivers with mergeable receive buffers.
     public static let size = 12
+    /// The legacy header without `num_buffers` (no VERSION_1, no MRG_RXBUF).
+    public static let legacySize = 10
+
+    /// The header in front of every frame under `features` (virtio 1.2, 5.1.6 and its legacy notes).
+    public static func size(for features: VirtioNetFeatures) -> Int {
+        features.contains(.version1) || features.contains(.mergeableRxBuffers) ? size : legacySize
+    }
 
     public struct Flags: OptionSet, Sendable, Equatable {
         public let rawValue: UInt8

@@ -46,6 +46,9 @@ public protocol PacketBackend: AnyObject, Sendable {
     func setActiveQueuePairs(_ count: Int) throws(BackendError)
     /// The link MTU changed (a TAP takes it as its interface MTU); the default does nothing.
     func setMTU(_ mtu: Int) throws(BackendError)
+    /// Frames carry a header of `size` bytes from now on: 12, or 10 for a legacy driver without
+    /// mergeable buffers (a TAP takes it as its vnet header size); the default does nothing.
+    func setHeaderSize(_ size: Int) throws(BackendError)
 
     /// Sends one frame described by `frame` (header included).
     func transmit(queue: Int, frame: UnsafeBufferPointer<iovec>) -> TransmitOutcome
@@ -62,6 +65,7 @@ public protocol PacketBackend: AnyObject, Sendable {
 
 extension PacketBackend {
     public func setMTU(_ mtu: Int) throws(BackendError) {}
+    public func setHeaderSize(_ size: Int) throws(BackendError) {}
 
     public func transmit(queue: Int, frames: UnsafeBufferPointer<FrameSlice>, outcomes: UnsafeMutablePointer<TransmitOutcome>) -> Int {
         transmitEach(queue: queue, frames: frames, outcomes: outcomes)

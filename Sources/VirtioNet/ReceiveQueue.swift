@@ -45,6 +45,10 @@ final class ReceiveQueue: @unchecked Sendable {
     let mergeable: Bool
     /// Bytes of guest buffers wanted before reading: the largest frame the backend can deliver.
     let targetCapacity: Int
+    /// The header in front of each frame: 12 bytes, or 10 for a legacy driver without mergeable buffers.
+    let headerSize: Int
+    /// Whether the header has `num_buffers` (all but the 10-byte legacy one).
+    let hasNumBuffers: Bool
     private let filterCell: FilterCell
     @exclusivity(unchecked) private var filterGeneration: UInt64 = .max
     @exclusivity(unchecked) private var filter = ReceiveFilter()
@@ -85,8 +89,10 @@ final class ReceiveQueue: @unchecked Sendable {
         self.counters = counters
         self.mergeable = features.contains(.mergeableRxBuffers)
         let gso: VirtioNetFeatures = [.guestTSO4, .guestTSO6, .guestUFO, .guestUSO4, .guestUSO6]
+        self.headerSize = VirtioNetHeader.size(for: features)
+        self.hasNumBuffers = headerSize == VirtioNetHeader.size
         self.targetCapacity = features.isDisjoint(with: gso)
-            ? mtu + 14 + 4 + VirtioNetHeader.size
+            ? mtu + 14 + 4 + headerSize
             : EngineLimits.largestReceiveFrame
         self.filterCell = filter
         self.mac = filter.current.mac
@@ -150,7 +156,7 @@ final class ReceiveQueue: @unchecked Sendable {
                     bouncedLength = 0
                     complete(length: length, unpublished: &unpublished)
                     frames += 1
-                    bytes += length - VirtioNetHeader.size
+                    bytes += length - headerSize
                 } else if cacheIsFinal {
                     counters.countDrop(.tooLarge)
                     bouncedLength = 0
@@ -177,7 +183,7 @@ final class ReceiveQueue: @unchecked Sendable {
                     continue
                 case .received(let length):
                     handled += 1
-                    guard length >= VirtioNetHeader.size + 14 else {
+                    guard length >= headerSize + 14 else {
                         counters.countDrop(.backend)
                         continue
                     }
@@ -188,7 +194,7 @@ final class ReceiveQueue: @unchecked Sendable {
                     if direct {
                         complete(length: length, unpublished: &unpublished)
                         frames += 1
-                        bytes += length - VirtioNetHeader.size
+                        bytes += length - headerSize
                     } else {
                         let fits = mergeable ? cachedBytes >= length : cache[cacheFirst].capacity >= length
                         if fits || (mergeable && !cacheIsFinal) {
@@ -226,7 +232,7 @@ final class ReceiveQueue: @unchecked Sendable {
             var chain: DescriptorChain? = nil
             do throws(VirtqueueError) {
                 guard let popped = try ring.popChain(into: &iovecs) else { break }
-                if popped.readable.isEmpty, popped.writableLength >= UInt32(VirtioNetHeader.size) {
+                if popped.readable.isEmpty, popped.writableLength >= UInt32(headerSize) {
                     chain = popped
                 } else {
                     iovecs.count = start
@@ -301,10 +307,13 @@ final class ReceiveQueue: @unchecked Sendable {
             used += 1
             if !mergeable { break }
         }
-        // num_buffers (header offset 10): the kernel leaves it alone, the driver relies on it.
-        var numBuffers = UInt16(truncatingIfNeeded: used).littleEndian
-        withUnsafeBytes(of: &numBuffers) { bytes in
-            _ = IOVec.copyIn(bytes, to: UnsafeBufferPointer(iovecs.buffer(firstChainIOVecs)), at: 10)
+        // num_buffers (header offset 10): the kernel leaves it alone, the driver relies on it. The
+        // 10-byte legacy header has none: those bytes are the frame's.
+        if hasNumBuffers {
+            var numBuffers = UInt16(truncatingIfNeeded: used).littleEndian
+            withUnsafeBytes(of: &numBuffers) { bytes in
+                _ = IOVec.copyIn(bytes, to: UnsafeBufferPointer(iovecs.buffer(firstChainIOVecs)), at: 10)
+            }
         }
         window = cache[(cacheFirst + used - 1) % cacheCapacity].iovecEnd
         cacheFirst = (cacheFirst + used) % cacheCapacity
@@ -330,9 +339,9 @@ final class ReceiveQueue: @unchecked Sendable {
         var destination = (UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0), UInt8(0))
         withUnsafeMutableBytes(of: &destination) { bytes in
             if guestBuffers {
-                _ = IOVec.copyOut(UnsafeBufferPointer(windowIOVecs(chains: cacheCount)), from: VirtioNetHeader.size, into: bytes)
+                _ = IOVec.copyOut(UnsafeBufferPointer(windowIOVecs(chains: cacheCount)), from: headerSize, into: bytes)
             } else {
-                bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce[VirtioNetHeader.size..<VirtioNetHeader.size + 6]))
+                bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: bounce[headerSize..<headerSize + 6]))
             }
         }
         let address = MACAddress(destination.0, destination.1, destination.2, destination.3, destination.4, destination.5)

@@ -52,6 +52,11 @@ public final class TapBackend: PacketBackend {
         do { try tap.setOffloads(flags) } catch { throw BackendError(error.description) }
     }
 
+    public func setHeaderSize(_ size: Int) throws(BackendError) {
+        guard let value = Int32(exactly: size) else { throw BackendError("vnet header size \(size)") }
+        do { try tap.setVnetHeaderSize(value) } catch { throw BackendError(error.description) }
+    }
+
     public func setMTU(_ mtu: Int) throws(BackendError) {
         do { try tap.setMTU(mtu) } catch { throw BackendError(error.description) }
     }

@@ -41,6 +41,8 @@ final class TransmitQueue: @unchecked Sendable {
     let features: VirtioNetFeatures
     /// The largest non-GSO frame (Ethernet header onwards) the MTU allows, with a VLAN tag.
     let maximumFrameLength: Int
+    /// The header in front of each frame: 12 bytes, or 10 for a legacy driver without mergeable buffers.
+    let headerSize: Int
     @exclusivity(unchecked) private var iovecs = IOVecArray(capacity: 4 * EngineLimits.maximumSegmentsPerFrame)
     /// The burst being built: each frame's iovecs (in `iovecs`), its head, and the backend's outcome.
     private let burstFrames = UnsafeMutablePointer<FrameSlice>.allocate(capacity: EngineLimits.burst)
@@ -60,6 +62,8 @@ final class TransmitQueue: @unchecked Sendable {
         self.counters = counters
         self.features = features
         self.maximumFrameLength = mtu + 14 + 4
+        self.headerSize = VirtioNetHeader.size(for: features)
+        header.initializeMemory(as: UInt8.self, repeating: 0)
         self.logger = logger
     }
 
@@ -148,13 +152,14 @@ final class TransmitQueue: @unchecked Sendable {
                 break
             }
             handled += 1
-            let frameLength = Int(chain.readableLength) - VirtioNetHeader.size
+            let frameLength = Int(chain.readableLength) - headerSize
             let frame = UnsafeBufferPointer(iovecs.buffer(chain.readable))
             var refusal: (DropReason, String)? = nil
             if !chain.writable.isEmpty || frameLength < 0 {
                 refusal = (.badChain, chain.writable.isEmpty ? "chain shorter than the header" : "writable descriptor in a transmit chain")
             } else {
-                _ = IOVec.copyOut(frame, from: 0, into: header)
+                // A legacy header is 10 bytes; the last two of the buffer stay zero.
+                _ = IOVec.copyOut(frame, from: 0, into: UnsafeMutableRawBufferPointer(rebasing: header[0..<headerSize]))
                 let parsed = VirtioNetHeader(bytes: UnsafeRawBufferPointer(header))
                 do {
                     try parsed.validateForTransmit(frameLength: frameLength, features: features)

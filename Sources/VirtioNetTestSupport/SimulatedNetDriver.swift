@@ -20,6 +20,8 @@ public final class SimulatedNetDriver: @unchecked Sendable {
     public let guest: SimulatedGuestMemory
     public let device: NetDevice
     public let features: VirtioNetFeatures
+    /// The header in front of every frame: 12 bytes, 10 for a legacy driver without mergeable buffers.
+    public var headerSize: Int { VirtioNetHeader.size(for: features) }
     public let queuePairs: Int
     public let receiveQueues: [SimulatedQueue]
     public let transmitQueues: [SimulatedQueue]
@@ -83,7 +85,7 @@ public final class SimulatedNetDriver: @unchecked Sendable {
                          segmentSize: Int? = nil, indirect: Bool? = nil) -> Bool {
         let queue = transmitQueues[pair]
         let old = queue.availableIndex
-        guard addTransmitChain(header.bytes + frame, to: queue, segmentSize: segmentSize, indirect: indirect ?? useIndirect, publish: true) else { return false }
+        guard addTransmitChain(header.bytes.prefix(headerSize) + frame, to: queue, segmentSize: segmentSize, indirect: indirect ?? useIndirect, publish: true) else { return false }
         kick(queue: queue, index: 2 * pair + 1, since: old)
         return true
     }
@@ -97,7 +99,7 @@ public final class SimulatedNetDriver: @unchecked Sendable {
         let old = queue.availableIndex
         var added = true
         for (frame, segmentSize) in frames {
-            guard addTransmitChain(VirtioNetHeader().bytes + frame, to: queue, segmentSize: segmentSize, indirect: useIndirect, publish: false) else {
+            guard addTransmitChain(VirtioNetHeader().bytes.prefix(headerSize) + frame, to: queue, segmentSize: segmentSize, indirect: useIndirect, publish: false) else {
                 added = false
                 break
             }
@@ -162,10 +164,11 @@ public final class SimulatedNetDriver: @unchecked Sendable {
         var frames: [ReceivedFrame] = []
         var index = 0
         while index < pieces.count {
-            guard pieces[index].count >= VirtioNetHeader.size else { index += 1; continue }
-            let header = VirtioNetHeader(Array(pieces[index][0..<VirtioNetHeader.size]))
+            guard pieces[index].count >= headerSize else { index += 1; continue }
+            // A 10-byte legacy header has no num_buffers: read as zero.
+            let header = VirtioNetHeader(Array(pieces[index][0..<headerSize]) + [UInt8](repeating: 0, count: VirtioNetHeader.size - headerSize))
             let count = features.contains(.mergeableRxBuffers) ? max(1, Int(header.numBuffers)) : 1
-            var frame = Array(pieces[index][VirtioNetHeader.size...])
+            var frame = Array(pieces[index][headerSize...])
             for next in pieces[(index + 1)..<min(index + count, pieces.count)] { frame += next }
             frames.append(ReceivedFrame(header: header, frame: frame, buffers: count))
             index += count

@@ -477,7 +477,10 @@ public final class SimulatedVhostUserGuest: @unchecked Sendable {
     public private(set) var kicks: [EventFD?]
     public let calls: [EventFD]
 
-    public static let headerSize = 12
+    /// The header in front of every frame: 12 bytes, 10 for a legacy driver (no VERSION_1) without
+    /// mergeable buffers.
+    public var headerSize: Int { features & Self.version1 != 0 || features & Self.mergeableRxBuffers != 0 ? 12 : 10 }
+    static let version1: UInt64 = 1 << 32
     static let mergeableRxBuffers: UInt64 = 1 << 15
     static let eventIndexFeature: UInt64 = 1 << 29
 
@@ -504,11 +507,11 @@ public final class SimulatedVhostUserGuest: @unchecked Sendable {
         if always || queues[index].needsKick(since: old) { try? kicks[index]?.signal() }
     }
 
-    /// Puts `frame` (after a zeroed 12-byte virtio-net header) in pair `pair`'s TX ring and kicks.
-    /// False when the ring is full.
+    /// Puts `frame` (after a zeroed virtio-net header of `headerSize`, or `header`) in pair `pair`'s
+    /// TX ring and kicks. False when the ring is full.
     @discardableResult
-    public func transmit(_ frame: [UInt8], pair: Int = 0, header: [UInt8] = [UInt8](repeating: 0, count: 12)) -> Bool {
-        let bytes = header + frame
+    public func transmit(_ frame: [UInt8], pair: Int = 0, header: [UInt8]? = nil) -> Bool {
+        let bytes = (header ?? [UInt8](repeating: 0, count: headerSize)) + frame
         let address = memory.allocate(bytes.count)
         memory.write(bytes, at: address)
         return transmit(at: address, length: UInt32(bytes.count), pair: pair)
@@ -557,10 +560,10 @@ public final class SimulatedVhostUserGuest: @unchecked Sendable {
         var index = 0
         let mergeable = features & Self.mergeableRxBuffers != 0
         while index < pieces.count {
-            guard pieces[index].count >= Self.headerSize else { index += 1; continue }
-            let numBuffers = Int(pieces[index][10]) | Int(pieces[index][11]) << 8
+            guard pieces[index].count >= headerSize else { index += 1; continue }
+            let numBuffers = headerSize == 12 ? Int(pieces[index][10]) | Int(pieces[index][11]) << 8 : 1
             let count = mergeable ? max(1, numBuffers) : 1
-            var frame = Array(pieces[index][Self.headerSize...])
+            var frame = Array(pieces[index][headerSize...])
             for next in pieces[(index + 1)..<min(index + count, pieces.count)] { frame += next }
             frames.append(frame)
             index += count

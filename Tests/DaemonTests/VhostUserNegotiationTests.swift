@@ -58,6 +58,22 @@ struct VhostUserNegotiationTests {
         #expect(notices.count == 1, "said once: \(notices.map(\.metadata))")
     }
 
+    /// QEMU with `disable-modern=on`: the guest's legacy driver acknowledges no VERSION_1, and frames
+    /// carry a 10-byte header unless it took mergeable buffers.
+    @Test("A legacy driver (no VERSION_1) is served: frames round-trip after a 10-byte header, or 12 with mergeable buffers",
+          arguments: [false, true])
+    func legacyDriver(mergeable: Bool) throws {
+        let served = try ServedDevice()
+        defer { served.stop() }
+        let frontend = try served.connect()
+        let version1: UInt64 = 1 << 32, mergeableBit: UInt64 = 1 << 15
+        let guest = try frontend.negotiate(memory: try SimulatedGuestMemory(), wanted: ~(version1 | (mergeable ? 0 : mergeableBit)))
+        #expect(guest.features & version1 == 0)
+        #expect(guest.headerSize == (mergeable ? 12 : 10))
+        #expect(served.device.isActive)
+        #expect(roundTrip(guest, sizes: [60, 64, 1000, 1514]))
+    }
+
     @Test("Frames larger than one receive buffer arrive whole in mergeable buffers")
     func mergeableReceiveBuffers() throws {
         let served = try ServedDevice()

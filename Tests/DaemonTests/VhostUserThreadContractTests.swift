@@ -62,8 +62,7 @@ struct VhostUserThreadContractTests {
         #expect(served.violations.isEmpty, "\(served.violations.report)")
     }
 
-    @Test("SEND_RARP while queue 0 runs hands the RARP frame to the backend from queue 0's worker, not the connection thread",
-          .disabled("finding: VhostUserBackend.announce calls device.backend.transmit(queue: 0) on the connection thread while queue pair 0's worker owns the queue"))
+    @Test("SEND_RARP while queue 0 runs hands the RARP frame to the backend from queue 0's worker, not the connection thread")
     func rarpFromTheWorker() throws {
         let served = try Served(checkRARP: true)
         defer { served.stop() }

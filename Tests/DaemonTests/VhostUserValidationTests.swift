@@ -384,11 +384,6 @@ let validationCases: [ValidationCase] = [
     ValidationCase("SET_FEATURES with bit 63", .acked) { c in
         #expect(isErrorAck(c.send(.setFeatures, payload: LE.u64(1 << 32 | 1 << 63))))
     },
-    ValidationCase("SET_FEATURES without VERSION_1", .acked) { c in
-        let offered = try c.frontend.getFeatures()
-        #expect(isErrorAck(c.send(.setFeatures, payload: LE.u64(offered & ~(1 << 32)))))
-        #expect(isErrorAck(c.send(.setFeatures, payload: LE.u64(0))))
-    },
     ValidationCase("SET_PROTOCOL_FEATURES with LOG_SHMFD, BACKEND_REQ or INBAND_NOTIFICATIONS", .acked) { c in
         typealias P = Frontend.ProtocolFeature
         for bits in [P.logShmfd, P.backendReq, P.inbandNotifications, 1 << 63] {

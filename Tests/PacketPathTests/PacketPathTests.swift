@@ -18,9 +18,15 @@ import VirtioNetTestSupport
 struct PacketPathTests {
     // MARK: 1. ARP and ICMP
 
-    @Test("The guest resolves the peer with ARP and pings it; requests and replies cross TAP, bridge and veth")
-    func arpAndICMPEcho() async throws {
-        try await PacketPathFixture.with { f in
+    /// Also with a legacy driver (no VERSION_1, no mergeable buffers): the TAP's vnet header is then
+    /// 10 bytes, as the guest's.
+    @Test("The guest resolves the peer with ARP and pings it; requests and replies cross TAP, bridge and veth",
+          arguments: [false, true])
+    func arpAndICMPEcho(legacy: Bool) async throws {
+        let wanted = legacy ? VirtioNetFeatures(rawValue: ~0).subtracting([.version1, .mergeableRxBuffers]) : nil
+        try await PacketPathFixture.with(wanted: wanted) { f in
+            #expect(f.driver.headerSize == (legacy ? 10 : 12))
+            #expect(f.tap.vnetHeaderSize == (legacy ? 10 : 12))
             let capture = try await f.peerCapture()
             f.driver.postReceiveBuffers(count: 128)
 

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+import Sys
 import Testing
 import VirtioNet
 import VirtioNetTestSupport
@@ -61,6 +66,37 @@ struct RoundTripTests {
         #expect(backend.pendingFrames(queue: 0) == 0)
     }
 
+    /// A legacy driver (no VERSION_1) puts a 10-byte header in front of each frame unless it took
+    /// mergeable buffers (then 12); the device reads and writes frames after that many bytes, never
+    /// writes num_buffers into a 10-byte header, and tells the backend the header size.
+    @Test("Legacy drivers: frames round-trip after a 10-byte header (12 with mergeable buffers)", arguments: RingOptions.all)
+    func legacyDrivers(options: RingOptions) throws {
+        var without: VirtioNetFeatures = [.version1]
+        if !options.eventIndex { without.insert(.eventIndex) }
+        if !options.mergeable { without.insert(.mergeableRxBuffers) }
+        let recording = try HeaderSizeRecordingBackend()
+        let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC, mtu: 65535), backend: recording, logger: quietLogger)
+        let driver = try SimulatedNetDriver(device: device, wanted: device.offeredFeatures.subtracting(without))
+        driver.useIndirect = options.indirect
+        #expect(driver.headerSize == (options.mergeable ? 12 : 10))
+        #expect(recording.headerSizes.last == driver.headerSize, "the backend is told")
+        for (number, size) in [14, 60, 1514, 9014, 65536].enumerated() {
+            if options.mergeable {
+                driver.postReceiveBuffers(count: 40, size: 2048)
+            } else {
+                driver.postReceiveBuffers(count: 1, size: 65565 + 3, segments: 4)
+            }
+            let frame = ethernetFrame(length: size, seed: UInt8(number))
+            #expect(driver.transmit(frame, segmentSize: size > 4000 ? 1500 : nil))
+            let received = driver.receive(count: 1)
+            // Intact also means nothing was written after a 10-byte header (num_buffers has no place there).
+            let intact = received.map(\.frame) == [frame]
+            #expect(intact, "\(size) bytes")
+            _ = driver.completedTransmits()
+        }
+        #expect(device.queuePairCounters[0].receive.snapshot.drops.values.allSatisfy { $0 == 0 })
+    }
+
     @Test("GSO and checksum headers are passed through exactly")
     func headersArePreserved() throws {
         let (_, driver, _) = try makeLoopbackDevice()
@@ -98,4 +134,21 @@ struct RoundTripTests {
         #expect(rx.interrupts >= 1)
         #expect(rx.interrupts <= 3, "one interrupt per burst at most (event idx)")
     }
+}
+
+/// A loopback backend that notes each header size it is told.
+final class HeaderSizeRecordingBackend: PacketBackend {
+    let inner: LoopbackBackend
+    private let sizes = Mutex<[Int]>([])
+    init() throws { inner = try LoopbackBackend() }
+    var headerSizes: [Int] { sizes.withLock { $0 } }
+    var queuePairs: Int { inner.queuePairs }
+    var receiveOffloads: OffloadSet { inner.receiveOffloads }
+    var transmitOffloads: OffloadSet { inner.transmitOffloads }
+    func setReceiveOffloads(_ offloads: OffloadSet) throws(BackendError) { try inner.setReceiveOffloads(offloads) }
+    func setActiveQueuePairs(_ count: Int) throws(BackendError) { try inner.setActiveQueuePairs(count) }
+    func setHeaderSize(_ size: Int) throws(BackendError) { sizes.withLock { $0.append(size) } }
+    func transmit(queue: Int, frame: UnsafeBufferPointer<iovec>) -> TransmitOutcome { inner.transmit(queue: queue, frame: frame) }
+    func receive(queue: Int, into buffers: UnsafeBufferPointer<iovec>) -> ReceiveOutcome { inner.receive(queue: queue, into: buffers) }
+    func descriptor(queue: Int) -> Int32 { inner.descriptor(queue: queue) }
 }
