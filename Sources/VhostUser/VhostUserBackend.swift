@@ -16,8 +16,8 @@ import Virtqueue
 public final class VhostUserBackend {
     public let device: NetDevice
     let logger: Logger
-    /// Memory slots offered with CONFIGURE_MEM_SLOTS.
-    public static let maximumMemorySlots = 32
+    /// Memory slots offered with CONFIGURE_MEM_SLOTS: as many as QEMU uses (it caps backends at 509).
+    public static let maximumMemorySlots = 509
     /// SET_MEM_TABLE carries at most this many regions.
     public static let memTableRegions = 8
     /// Guest memory one frontend may map unless configured otherwise: 1 TiB. Mappings take address
@@ -49,9 +49,9 @@ public final class VhostUserBackend {
     /// SET_PROTOCOL_FEATURES came, or SET_FEATURES carried bit 30: rings start disabled.
     private var protocolFeaturesNegotiated = false
     private var status: UInt8 = 0
-    /// Rings running now, and whether something they depend on changed since they started.
+    /// Rings running now, and the queue pairs the device was last told carry traffic.
     private var running: Set<Int> = []
-    private var restartNeeded = false
+    private var activePairs = 0
 
     public init(device: NetDevice, logger: Logger, memoryLimit: UInt64 = VhostUserBackend.defaultMemoryLimit) {
         self.device = device
@@ -92,271 +92,54 @@ public final class VhostUserBackend {
     /// Handles one message. Returns the reply payload for requests that have one.
     /// Throws for a refused message; the caller replies with failure or ends the connection.
     public func handle(_ header: VhostUserHeader, payload: [UInt8], fds: [ReceivedFD]) throws(VhostUserError) -> [UInt8]? {
-        guard let request = VhostUserRequest(rawValue: header.request) else {
-            throw VhostUserError("unknown request \(header.request)")
-        }
-        var reader = PayloadReader(payload)
-        func expectFDs(_ count: Int) throws(VhostUserError) {
-            guard fds.count == count else { throw VhostUserError("\(request) carries \(fds.count) descriptors, expected \(count)") }
-        }
-        func expectSize(_ size: Int) throws(VhostUserError) {
-            guard payload.count == size else { throw VhostUserError("\(request) payload is \(payload.count) bytes, expected \(size)", fatal: request.hasReply) }
-        }
-        func u64() throws(VhostUserError) -> UInt64 {
-            try expectSize(8)
-            return reader.u64()!
-        }
-        func ringIndex(_ raw: UInt32) throws(VhostUserError) -> Int {
-            guard raw < UInt32(rings.count) else { throw VhostUserError("\(request) for ring \(raw); the device has \(rings.count)", fatal: request.hasReply) }
-            return Int(raw)
-        }
-        func reply64(_ value: UInt64) -> [UInt8] {
-            var writer = PayloadWriter()
-            writer.u64(value)
-            return writer.bytes
-        }
-
-        switch request {
-        case .getFeatures:
-            try expectFDs(0)
-            return reply64(offeredFeatures)
-
-        case .setFeatures:
-            try expectFDs(0)
-            let features = try u64()
-            let virtio = Self.deviceFeatures(features)
-            let notOffered = features & ~offeredFeatures
-            guard notOffered == 0 else {
-                throw VhostUserError("SET_FEATURES acknowledges features that were not offered: 0x\(String(notOffered, radix: 16))")
-            }
-            if features != acknowledgedFeatures {
-                let first = acknowledgedFeatures == nil
-                acknowledgedFeatures = features
-                if features & vhostUserProtocolFeaturesBit != 0 { protocolFeaturesNegotiated = true }
-                if first && !protocolFeaturesNegotiated {
-                    // Without protocol features, rings are enabled from the start.
-                    for index in rings.indices { rings[index].enabled = true }
-                }
-                restartNeeded = true
-                try reconcile()
-            }
-            return nil
-
-        case .getProtocolFeatures:
-            try expectFDs(0)
-            return reply64(VhostUserProtocolFeatures.supported.rawValue)
-
-        case .setProtocolFeatures:
-            try expectFDs(0)
-            let requested = VhostUserProtocolFeatures(rawValue: try u64())
-            guard VhostUserProtocolFeatures.supported.isSuperset(of: requested) else {
-                throw VhostUserError("SET_PROTOCOL_FEATURES with unsupported bits 0x\(String(requested.subtracting(.supported).rawValue, radix: 16))")
-            }
-            protocolFeatures = requested
+        let limits = VhostUserMessage.Limits(rings: rings.count, maximumQueueSize: device.configuration.maximumQueueSize,
+                                             memTableRegions: Self.memTableRegions)
+        switch try VhostUserMessage.decode(header, payload: payload, fds: fds, limits: limits) {
+        case .getFeatures: return reply64(offeredFeatures)
+        case .setFeatures(let features): try setFeatures(features)
+        case .getProtocolFeatures: return reply64(VhostUserProtocolFeatures.supported.rawValue)
+        case .setProtocolFeatures(let features):
+            protocolFeatures = features
             protocolFeaturesNegotiated = true
-            return nil
-
-        case .setOwner:
-            try expectFDs(0)
-            return nil
-
-        case .resetOwner, .resetDevice:
-            try expectFDs(0)
-            // Protocol features are negotiated once per connection (QEMU does not send them again).
-            resetDevice()
-            return nil
-
-        case .getQueueNum:
-            try expectFDs(0)
-            return reply64(UInt64(device.configuration.queuePairs))
-
-        case .getMaxMemSlots:
-            try expectFDs(0)
-            return reply64(UInt64(Self.maximumMemorySlots))
-
-        case .setMemTable:
-            guard let count = reader.u32(), reader.u32() != nil else { throw VhostUserError("SET_MEM_TABLE payload too short") }
-            guard count >= 1, count <= UInt32(Self.memTableRegions) else { throw VhostUserError("SET_MEM_TABLE with \(count) regions; 1...\(Self.memTableRegions) allowed") }
-            try expectSize(8 + 32 * Int(count))
-            try expectFDs(Int(count))
-            var descriptions: [MemoryRegionDescription] = []
-            for _ in 0..<count { descriptions.append(Self.readRegion(&reader)) }
-            var newRegions: [Region] = []
-            for (description, fd) in zip(descriptions, fds) {
-                newRegions.append(try Self.map(description, fd: fd))
-            }
-            try replaceMemory(with: newRegions)
-            return nil
-
-        case .addMemReg:
-            try expectSize(8 + 32)
-            try expectFDs(1)
-            _ = reader.u64()
-            let description = Self.readRegion(&reader)
-            // QEMU 7.2 sends each region once per queue pair; the same region again changes nothing.
-            if regions.contains(where: { Self.sameRegion($0.description, description) && $0.description.mmapOffset == description.mmapOffset }) {
-                return nil
-            }
-            guard regions.count < Self.maximumMemorySlots else { throw VhostUserError("ADD_MEM_REG beyond \(Self.maximumMemorySlots) slots") }
-            try replaceMemory(with: regions + [try Self.map(description, fd: fds[0])])
-            return nil
-
-        case .remMemReg:
-            try expectSize(8 + 32)
-            guard fds.count <= 1 else { throw VhostUserError("REM_MEM_REG carries \(fds.count) descriptors") }
-            _ = reader.u64()
-            let description = Self.readRegion(&reader)
-            guard let index = regions.firstIndex(where: { Self.sameRegion($0.description, description) }) else {
-                // Also sent once per queue pair by QEMU 7.2: the region is already gone.
-                logger.debug("REM_MEM_REG for a region that is not mapped", metadata: ["guest_address": "\(description.guestAddress)"])
-                return nil
-            }
-            var remaining = regions
-            remaining.remove(at: index)
-            try replaceMemory(with: remaining)
-            return nil
-
-        case .setVringNum:
-            try expectFDs(0)
-            try expectSize(8)
-            let index = try ringIndex(reader.u32()!)
-            let size = Int(reader.u32()!)
-            guard size >= 1, size <= device.configuration.maximumQueueSize, size & (size - 1) == 0 else {
-                throw VhostUserError("SET_VRING_NUM \(size) for ring \(index): not a power of two in 1...\(device.configuration.maximumQueueSize)")
-            }
-            try changeRing(index) { $0.size = size }
-            return nil
-
-        case .setVringAddr:
-            try expectFDs(0)
-            try expectSize(40)
-            let index = try ringIndex(reader.u32()!)
-            let flags = reader.u32()!
-            let descriptorTable = reader.u64()!, usedRing = reader.u64()!, availableRing = reader.u64()!
-            _ = reader.u64()  // log address: dirty logging is declined
-            guard flags & 1 == 0 else { throw VhostUserError("SET_VRING_ADDR asks for dirty logging, which is not offered") }
-            try changeRing(index) {
-                $0.addresses = .frontendVirtual(descriptorTable: descriptorTable, availableRing: availableRing, usedRing: usedRing)
-            }
-            return nil
-
-        case .setVringBase:
-            try expectFDs(0)
-            try expectSize(8)
-            let index = try ringIndex(reader.u32()!)
-            guard let base = UInt16(exactly: reader.u32()!) else { throw VhostUserError("SET_VRING_BASE beyond 16 bits for ring \(index)") }
-            try changeRing(index) { $0.nextAvailableIndex = base }
-            return nil
-
-        case .getVringBase:
-            try expectFDs(0)
-            try expectSize(8)
-            let index = try ringIndex(reader.u32()!)
-            // Stops the ring: it runs again only after a new SET_VRING_KICK.
-            rings[index].kick = nil
-            try? reconcile()
-            var writer = PayloadWriter()
-            writer.u32(UInt32(index))
-            writer.u32(UInt32(rings[index].nextAvailableIndex))
-            return writer.bytes
-
-        case .setVringKick, .setVringCall, .setVringErr:
-            let value = try u64()
-            guard value & ~UInt64(0x1ff) == 0 else { throw VhostUserError("\(request) with unknown bits 0x\(String(value, radix: 16))") }
-            let index = try ringIndex(UInt32(value & 0xff))
-            let noFD = value & 0x100 != 0
-            try expectFDs(noFD ? 0 : 1)
-            var event: EventFD? = nil
-            if !noFD, let owned = fds[0].take() {
-                do { event = try EventFD(adoptingUntrusted: owned) } catch {
-                    throw VhostUserError("\(request) for ring \(index): \(error)")
-                }
-            }
-            if request == .setVringKick && event == nil {
-                throw VhostUserError("SET_VRING_KICK without a descriptor: polling rings are not supported")
-            }
-            try changeRing(index) { ring in
-                switch request {
-                case .setVringKick: ring.kick = event
-                case .setVringCall: ring.call = event
-                default: ring.error = event
-                }
-            }
-            return nil
-
-        case .setVringEnable:
-            try expectFDs(0)
-            try expectSize(8)
-            let index = try ringIndex(reader.u32()!)
-            let enable = reader.u32()!
-            guard enable <= 1 else { throw VhostUserError("SET_VRING_ENABLE \(enable) for ring \(index)") }
-            // QEMU sends this right after SET_PROTOCOL_FEATURES, before SET_FEATURES.
-            guard protocolFeaturesNegotiated else {
-                throw VhostUserError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
-            }
-            rings[index].enabled = enable == 1
-            try reconcile()
-            return nil
-
-        case .netSetMTU:
-            try expectFDs(0)
-            let value = try u64()
-            guard let mtu = Int(exactly: value), (NetConfiguration.minimumMTU...NetConfiguration.maximumMTU).contains(mtu) else {
-                throw VhostUserError("NET_SET_MTU \(value) is outside \(NetConfiguration.minimumMTU)...\(NetConfiguration.maximumMTU)")
-            }
-            do {
-                try device.setMTU(mtu)
-            } catch {
-                throw VhostUserError("NET_SET_MTU \(mtu): \(error)")
-            }
-            restartNeeded = true
-            try reconcile()
-            return nil
-
-        case .getConfig:
-            try expectFDs(0)
-            guard let offset = reader.u32(), let size = reader.u32(), let flags = reader.u32(),
-                  size <= 256, payload.count == 12 + Int(size)
-            else { throw VhostUserError("GET_CONFIG with an inconsistent size", fatal: true) }
+        case .setOwner: break
+        // Protocol features are negotiated once per connection (QEMU does not send them again).
+        case .resetOwner, .resetDevice: resetDevice()
+        case .getQueueNum: return reply64(UInt64(device.configuration.queuePairs))
+        case .getMaxMemSlots: return reply64(UInt64(Self.maximumMemorySlots))
+        case .setMemTable(let regions): try setMemTable(regions)
+        case .addMemoryRegion(let description, let fd): try addMemoryRegion(description, fd: fd)
+        case .removeMemoryRegion(let description): try removeMemoryRegion(description)
+        case .setVringNum(let index, let size): try changeRing(index) { $0.size = size }
+        case .setVringAddr(let index, let addresses, let log):
+            guard log == nil else { throw VhostUserError("SET_VRING_ADDR asks for dirty logging, which is not offered") }
+            try changeRing(index) { $0.addresses = addresses }
+        case .setVringBase(let index, let base): try changeRing(index) { $0.nextAvailableIndex = base }
+        case .getVringBase(let index): return getVringBase(index)
+        case .setVringKick(let index, let event): try changeRing(index) { $0.kick = event }
+        case .setVringCall(let index, let event): try changeRing(index) { $0.call = event }
+        case .setVringErr(let index, let event): try changeRing(index) { $0.error = event }
+        case .setVringEnable(let index, let enabled): try setVringEnable(index, enabled)
+        case .netSetMTU(let mtu): try setMTU(mtu)
+        case .getConfig(let offset, let size, let flags):
             var writer = PayloadWriter()
             writer.u32(offset)
             writer.u32(size)
             writer.u32(flags)
             writer.append(device.configSpace.read(offset: Int(offset), length: Int(size)))
             return writer.bytes
-
-        case .setConfig:
-            try expectFDs(0)
-            throw VhostUserError("SET_CONFIG: the configuration space is read-only")
-
-        case .sendRARP:
-            try expectFDs(0)
-            guard let mac = MACAddress(Array(try u64ToBytes(u64()).prefix(6))) else {
-                throw VhostUserError("SEND_RARP without a MAC address")
-            }
-            device.announce(mac: mac)
-            return nil
-
-        case .setStatus:
-            try expectFDs(0)
-            let value = try u64()
-            guard let byte = UInt8(exactly: value) else { throw VhostUserError("SET_STATUS \(value) is not a status byte") }
-            status = byte
-            return nil
-
-        case .getStatus:
-            try expectFDs(0)
-            return reply64(UInt64(status) | (device.needsReset ? 0x40 : 0))
-
-        case .setLogBase, .setLogFD:
-            throw VhostUserError("\(request): dirty-page logging (live migration) is not offered")
-
-        case .setBackendReqFD, .iotlbMessage, .setVringEndian, .vringKick:
-            throw VhostUserError("\(request) is not supported (its protocol feature was not offered)")
+        case .setConfig: throw VhostUserError("SET_CONFIG: the configuration space is read-only")
+        case .sendRARP(let mac): device.announce(mac: mac)
+        case .setStatus(let byte): status = byte
+        case .getStatus: return reply64(UInt64(status) | (device.needsReset ? 0x40 : 0))
         }
+        return nil
     }
 
-    private func u64ToBytes(_ value: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: value >> UInt64(8 * $0)) } }
+    private func reply64(_ value: UInt64) -> [UInt8] {
+        var writer = PayloadWriter()
+        writer.u64(value)
+        return writer.bytes
+    }
 
     /// Stops everything and forgets the frontend's state (the connection ended).
     public func reset() {
@@ -370,7 +153,7 @@ public final class VhostUserBackend {
     func resetDevice() {
         device.reset()
         running = []
-        restartNeeded = false
+        activePairs = 0
         rings = Array(repeating: Ring(), count: rings.count)
         regions = []
         memory = nil
@@ -380,11 +163,67 @@ public final class VhostUserBackend {
         if device.mtu != configured { try? device.setMTU(configured) }
     }
 
+    // MARK: Features and MTU
+
+    private func setFeatures(_ features: UInt64) throws(VhostUserError) {
+        let notOffered = features & ~offeredFeatures
+        guard notOffered == 0 else {
+            throw VhostUserError("SET_FEATURES acknowledges features that were not offered: 0x\(String(notOffered, radix: 16))")
+        }
+        guard features != acknowledgedFeatures else { return }
+        let first = acknowledgedFeatures == nil
+        let deviceChanges = acknowledgedFeatures.map { Self.deviceFeatures($0) != Self.deviceFeatures(features) } ?? true
+        acknowledgedFeatures = features
+        if features & vhostUserProtocolFeaturesBit != 0 { protocolFeaturesNegotiated = true }
+        if first && !protocolFeaturesNegotiated {
+            // Without protocol features, rings are enabled from the start.
+            for index in rings.indices { rings[index].enabled = true }
+        }
+        if deviceChanges && device.isActive {
+            // The engines were built for the old features: every ring stops and starts again.
+            for state in device.reset() where state.index < rings.count {
+                rings[state.index].nextAvailableIndex = state.nextAvailableIndex
+            }
+            running = []
+            activePairs = 0
+        }
+        try refreshRings()
+    }
+
+    private func setMTU(_ mtu: Int) throws(VhostUserError) {
+        do { try device.setMTU(mtu) } catch { throw VhostUserError("NET_SET_MTU \(mtu): \(error)") }
+        // The engines hold the MTU (the largest frame); running rings restart where they were.
+        let failure = keep(device.restartQueues())
+        try refreshRings()
+        if let failure { throw VhostUserError("NET_SET_MTU \(mtu): \(failure)") }
+    }
+
     // MARK: Memory
 
-    private static func readRegion(_ reader: inout PayloadReader) -> MemoryRegionDescription {
-        let guest = reader.u64()!, size = reader.u64()!, user = reader.u64()!, offset = reader.u64()!
-        return MemoryRegionDescription(guestAddress: GuestAddress(guest), size: size, userAddress: user, mmapOffset: offset)
+    private func setMemTable(_ table: [(MemoryRegionDescription, ReceivedFD)]) throws(VhostUserError) {
+        var newRegions: [Region] = []
+        for (description, fd) in table { newRegions.append(try Self.map(description, fd: fd)) }
+        try replaceMemory(with: newRegions)
+    }
+
+    private func addMemoryRegion(_ description: MemoryRegionDescription, fd: ReceivedFD) throws(VhostUserError) {
+        // QEMU 7.2 sends each region once per queue pair; the same region again changes nothing.
+        if regions.contains(where: { Self.sameRegion($0.description, description) && $0.description.mmapOffset == description.mmapOffset }) {
+            return
+        }
+        guard regions.count < Self.maximumMemorySlots else { throw VhostUserError("ADD_MEM_REG beyond \(Self.maximumMemorySlots) slots") }
+        try replaceMemory(with: regions + [try Self.map(description, fd: fd)])
+    }
+
+    private func removeMemoryRegion(_ description: MemoryRegionDescription) throws(VhostUserError) {
+        guard let index = regions.firstIndex(where: { Self.sameRegion($0.description, description) }) else {
+            // Also sent once per queue pair by QEMU 7.2: the region is already gone.
+            logger.debug("REM_MEM_REG for a region that is not mapped", metadata: ["guest_address": "\(description.guestAddress)"])
+            return
+        }
+        var remaining = regions
+        remaining.remove(at: index)
+        try replaceMemory(with: remaining)
     }
 
     private static func sameRegion(_ a: MemoryRegionDescription, _ b: MemoryRegionDescription) -> Bool {
@@ -401,6 +240,8 @@ public final class VhostUserBackend {
         }
     }
 
+    /// The new memory table: running rings move to it where they stand (the backend untouched); a
+    /// ring whose rings lie outside it stops, and the error says so.
     private func replaceMemory(with newRegions: [Region]) throws(VhostUserError) {
         let total = newRegions.reduce(UInt64(0)) { $0.addingReportingOverflow($1.description.size).partialValue }
         guard total <= memoryLimit, newRegions.allSatisfy({ $0.description.size <= memoryLimit }) else {
@@ -414,56 +255,118 @@ public final class VhostUserBackend {
                 throw VhostUserError("memory table refused: \(error)")
             }
         }
-        // Rings that run use the old mapping until they stop; the restart below maps the new one.
         regions = newRegions
         memory = newMemory
-        restartNeeded = true
-        try reconcile()
+        var failure: VhostUserError? = nil
+        if let newMemory, device.isActive {
+            if let stopped = keep(device.replaceMemory(newMemory)) {
+                failure = VhostUserError("rings stopped by the new memory table: \(stopped)")
+            }
+        } else if newMemory == nil {
+            stop(Array(running))
+        }
+        do { try refreshRings() } catch { failure = failure ?? error }
+        if let failure { throw failure }
     }
 
     // MARK: Rings
 
+    private func getVringBase(_ index: Int) -> [UInt8] {
+        // Stops the ring: it runs again only after a new SET_VRING_KICK.
+        stop([index])
+        rings[index].kick = nil
+        try? refreshRings()
+        var writer = PayloadWriter()
+        writer.u32(UInt32(index))
+        writer.u32(UInt32(rings[index].nextAvailableIndex))
+        return writer.bytes
+    }
+
+    private func setVringEnable(_ index: Int, _ enabled: Bool) throws(VhostUserError) {
+        // QEMU sends this right after SET_PROTOCOL_FEATURES, before SET_FEATURES.
+        guard protocolFeaturesNegotiated else {
+            throw VhostUserError("SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES")
+        }
+        guard rings[index].enabled != enabled else { return }
+        rings[index].enabled = enabled
+        try refreshRings()
+    }
+
+    /// A running ring stops for the change (saving where it was) and starts again with it; the other
+    /// rings, and the other queue pairs, run on.
     private func changeRing(_ index: Int, _ change: (inout Ring) -> Void) throws(VhostUserError) {
+        if running.contains(index) { stop([index]) }
         change(&rings[index])
-        if running.contains(index) { restartNeeded = true }
-        try reconcile()
+        try refreshRings()
+    }
+
+    /// Notes the rings a change to all of them could not start again (where each stopped); returns
+    /// the first one's error, if any.
+    private func keep(_ stopped: [NetDevice.StoppedQueue]) -> NetDeviceError? {
+        for queue in stopped where queue.state.index < rings.count {
+            rings[queue.state.index].nextAvailableIndex = queue.state.nextAvailableIndex
+            running.remove(queue.state.index)
+        }
+        return stopped.first?.error
+    }
+
+    /// Stops rings that run, saving where each stopped.
+    private func stop(_ indices: [Int]) {
+        let stopping = indices.filter { running.contains($0) }
+        guard !stopping.isEmpty else { return }
+        for state in device.stopQueues(stopping) where state.index < rings.count {
+            rings[state.index].nextAvailableIndex = state.nextAvailableIndex
+        }
+        running.subtract(stopping)
     }
 
     /// A ring runs when it has a size, addresses, a kick descriptor and is enabled, and memory and
-    /// features are known. Brings the device in line: stops it (saving where each ring stopped) and
-    /// starts it again with the rings that should run.
-    private func reconcile() throws(VhostUserError) {
+    /// features are known. Starts the rings that are ready and not running (activating the device
+    /// first), stops those running that are no longer ready, and tells the device which queue pairs
+    /// carry traffic. Only the rings that change stop or start.
+    private func refreshRings() throws(VhostUserError) {
         let ready: Set<Int>
         if memory != nil, acknowledgedFeatures != nil {
             ready = Set(rings.indices.filter { rings[$0].size != nil && rings[$0].addresses != nil && rings[$0].kick != nil && rings[$0].enabled })
         } else {
             ready = []
         }
-        guard ready != running || restartNeeded else { return }
-        restartNeeded = false
-        if !running.isEmpty {
-            for state in device.reset() where state.index < rings.count {
-                rings[state.index].nextAvailableIndex = state.nextAvailableIndex
+        stop(Array(running.subtracting(ready)))
+        let starting = ready.subtracting(running).sorted()
+        var failure: VhostUserError? = nil
+        if !starting.isEmpty, let memory, let features = acknowledgedFeatures {
+            if !device.isActive {
+                do {
+                    try device.acknowledge(features: Self.deviceFeatures(features))
+                    try device.activate(memory: memory, queues: [])
+                } catch {
+                    device.reset()
+                    throw VhostUserError("cannot activate the device: \(error)")
+                }
             }
-            running = []
+            for index in starting {
+                let ring = rings[index]
+                guard let size = ring.size, let addresses = ring.addresses else { continue }
+                do {
+                    try device.startQueues([QueueConfiguration(
+                        index: index, size: size, rings: addresses, nextAvailableIndex: ring.nextAvailableIndex,
+                        kick: ring.kick, call: ring.call, error: ring.error)])
+                    running.insert(index)
+                } catch {
+                    failure = failure ?? VhostUserError("cannot start ring \(index): \(error)")
+                }
+            }
         }
-        guard !ready.isEmpty, let memory, let features = acknowledgedFeatures else { return }
-        let virtio = Self.deviceFeatures(features)
-        let queues = ready.sorted().map { index in
-            QueueConfiguration(index: index, size: rings[index].size!, rings: rings[index].addresses!,
-                               nextAvailableIndex: rings[index].nextAvailableIndex,
-                               kick: rings[index].kick, call: rings[index].call, error: rings[index].error)
+        let pairs = running.isEmpty ? 0 : running.max()! / 2 + 1
+        if pairs > 0 && pairs != activePairs {
+            do { try device.setActiveQueuePairs(pairs) } catch {
+                failure = failure ?? VhostUserError("cannot enable \(pairs) queue pairs: \(error)")
+            }
+            activePairs = pairs
         }
-        do {
-            try device.acknowledge(features: virtio)
-            try device.activate(memory: memory, queues: queues)
-            let pairs = (ready.max()! / 2) + 1
-            try device.backend.setActiveQueuePairs(pairs)
-        } catch {
-            device.reset()
-            throw VhostUserError("cannot start rings \(ready.sorted()): \(error)")
+        if !starting.isEmpty || !ready.isSuperset(of: running) {
+            logger.info("rings running", metadata: ["rings": "\(running.sorted())"])
         }
-        running = ready
-        logger.info("rings running", metadata: ["rings": "\(ready.sorted())"])
+        if let failure { throw failure }
     }
 }

@@ -48,26 +48,38 @@ public final class QueuePairCounters: Sendable {
     public let transmit = QueueCounters()
 }
 
-/// The queues of an activated device. Engines are driven by one thread at a time.
+/// The queues of an activated device. Engines are driven by one thread at a time: their pair's
+/// worker, or the caller of `poll()`. Changed only with every worker of the pairs involved stopped.
 final class ActiveQueues: @unchecked Sendable {
-    let memory: GuestMemory
+    var memory: GuestMemory
+    let drive: DriveMode
+    let features: VirtioNetFeatures
     var receive: [ReceiveQueue?]
     var transmit: [TransmitQueue?]
     var control: ControlQueueEngine?
-    var kicks: [Int: EventFD] = [:]
-    var errors: [Int: EventFD] = [:]
-    var workers: [QueuePairWorker] = []
+    /// What each running queue was started with (its kick, call and error eventfds among it).
+    var configurations: [Int: QueueConfiguration] = [:]
+    var workers: [Int: QueuePairWorker] = [:]
     let controlIndex: Int
     /// Frames to announce the device with, sent by whoever owns queue pair 0 (its worker, or poll()).
     let announcements: Announcements
 
-    init(memory: GuestMemory, pairs: Int, controlIndex: Int, announcements: Announcements) {
+    init(memory: GuestMemory, drive: DriveMode, features: VirtioNetFeatures, pairs: Int, controlIndex: Int,
+         announcements: Announcements) {
         self.memory = memory
+        self.drive = drive
+        self.features = features
         self.controlIndex = controlIndex
         self.announcements = announcements
         receive = Array(repeating: nil, count: pairs)
         transmit = Array(repeating: nil, count: pairs)
     }
+
+    var kicks: [Int: EventFD] { configurations.compactMapValues(\.kick) }
+    var errors: [Int: EventFD] { configurations.compactMapValues(\.error) }
+
+    /// The queue pair a virtqueue belongs to (the control queue goes with pair 0's worker).
+    func pair(of index: Int) -> Int { index == controlIndex ? 0 : index / 2 }
 }
 
 /// Who runs the queues of an active device.
@@ -105,6 +117,9 @@ public final class NetDevice: Sendable {
         var mtu: Int
     }
     private let state: Mutex<State>
+    /// Held for the whole of each change to the running queues (activate, start, stop, memory,
+    /// reset), so that they happen one at a time whichever threads ask.
+    private let changes = Mutex<Void>(())
     /// Workers that exist now (each holds an epoll instance and a stop eventfd).
     private let workerCount = Atomic<Int>(0)
 
@@ -217,131 +232,253 @@ public final class NetDevice: Sendable {
     }
 
     /// The driver's DRIVER_OK: validates and maps every queue given, then starts the workers (with
-    /// `.workerThreads`, every queue needs a kick eventfd). Queues not given stay unused.
+    /// `.workerThreads`, every queue needs a kick eventfd). Queues not given stay stopped until
+    /// `startQueues(_:)`; a vhost-user backend activates with none and starts rings one at a time.
     public func activate(memory: GuestMemory, queues: [QueueConfiguration], drive: DriveMode = .workerThreads) throws(NetDeviceError) {
-        guard let features = effectiveFeatures else { throw .invalidState("activate before features were acknowledged") }
-        let controlIndex = features.contains(.ctrlVQ) ? controlQueueIndex(features: features) : -1
+        try changes.withLock { (_: inout Void) throws(NetDeviceError) in
+            guard let features = effectiveFeatures else { throw .invalidState("activate before features were acknowledged") }
+            let announcements: Announcements
+            do { announcements = try Announcements() } catch { throw .backend("cannot create the announcement eventfd: \(error)") }
+            let active = ActiveQueues(
+                memory: memory, drive: drive, features: features, pairs: configuration.queuePairs,
+                controlIndex: features.contains(.ctrlVQ) ? controlQueueIndex(features: features) : -1, announcements: announcements)
+            try install(queues, in: active)
+            try state.withLock { (state) throws(NetDeviceError) in
+                guard state.active == nil else { throw .invalidState("already active") }
+                state.active = active
+            }
+            do {
+                for pair in Set(queues.map { active.pair(of: $0.index) }).sorted() { try restartWorker(pair: pair, of: active) }
+            } catch {
+                _ = stopEverything(active)
+                state.withLock { $0.active = nil }
+                throw .backend("cannot start queue workers: \(error)")
+            }
+        }
+    }
+
+    /// Starts more queues of an active device. Only their pairs' workers restart (each keeps its
+    /// other queue, positions and cached buffers); the other pairs run on undisturbed. A queue that
+    /// is running already must be stopped first.
+    public func startQueues(_ queues: [QueueConfiguration]) throws(NetDeviceError) {
+        try changes.withLock { (_: inout Void) throws(NetDeviceError) in
+            guard let active = state.withLock({ $0.active }) else { throw .invalidState("start queues of an inactive device") }
+            for queue in queues where active.configurations[queue.index] != nil {
+                throw .invalidQueue(index: queue.index, "already running")
+            }
+            let pairs = Set(queues.map { active.pair(of: $0.index) }).sorted()
+            for pair in pairs { stopWorker(pair: pair, of: active) }
+            var failure: NetDeviceError? = nil
+            do throws(NetDeviceError) { try install(queues, in: active) } catch { failure = error }
+            for pair in pairs {
+                do throws(SystemError) { try restartWorker(pair: pair, of: active) } catch {
+                    failure = failure ?? .backend("cannot start the worker of queue pair \(pair): \(error)")
+                }
+            }
+            if let failure { throw failure }
+        }
+    }
+
+    /// Stops some queues of an active device and returns where each stopped (receive buffers cached
+    /// but unused go back to the ring first). Only their pairs' workers restart; others run on.
+    @discardableResult
+    public func stopQueues(_ indices: [Int]) -> [QueueState] {
+        changes.withLock { _ in
+            guard let active = state.withLock({ $0.active }) else { return [] }
+            let running = indices.filter { active.configurations[$0] != nil }
+            let pairs = Set(running.map { active.pair(of: $0) }).sorted()
+            for pair in pairs { stopWorker(pair: pair, of: active) }
+            let states = running.map { uninstall($0, from: active) }
+            for pair in pairs {
+                do { try restartWorker(pair: pair, of: active) } catch {
+                    logger.error("cannot restart a queue pair's worker", metadata: ["pair": "\(pair)", "error": "\(error)"])
+                }
+            }
+            return states.sorted { $0.index < $1.index }
+        }
+    }
+
+    /// The queues running now (virtqueue indices).
+    public var runningQueues: [Int] { state.withLock { $0.active.map { Array($0.configurations.keys).sorted() } ?? [] } }
+
+    /// A queue that could not start again after a change to all of them: where it stopped, and why.
+    public struct StoppedQueue: Sendable {
+        public var state: QueueState
+        public var error: NetDeviceError
+    }
+
+    /// Moves every running queue to new guest memory (regions added or removed), each at the position
+    /// it reached: the workers stop for the change, the backend is not touched. A queue whose rings no
+    /// longer lie in memory stays stopped: those are returned, with where they stopped and why.
+    @discardableResult
+    public func replaceMemory(_ memory: GuestMemory) -> [StoppedQueue] {
+        restartRunningQueues(memory: memory)
+    }
+
+    /// Restarts every running queue at its position with the device's current MTU (after `setMTU`);
+    /// returns those that could not start again.
+    @discardableResult
+    public func restartQueues() -> [StoppedQueue] {
+        restartRunningQueues(memory: nil)
+    }
+
+    private func restartRunningQueues(memory: GuestMemory?) -> [StoppedQueue] {
+        changes.withLock { _ in
+            guard let active = state.withLock({ $0.active }) else { return [] }
+            for pair in Array(active.workers.keys) { stopWorker(pair: pair, of: active) }
+            var queues: [QueueConfiguration] = []
+            for index in active.configurations.keys.sorted() {
+                guard var queue = active.configurations[index] else { continue }
+                queue.nextAvailableIndex = uninstall(index, from: active).nextAvailableIndex
+                queues.append(queue)
+            }
+            if let memory { active.memory = memory }
+            var stopped: [StoppedQueue] = []
+            for queue in queues {
+                do throws(NetDeviceError) { try install([queue], in: active) } catch {
+                    stopped.append(StoppedQueue(state: QueueState(index: queue.index, nextAvailableIndex: queue.nextAvailableIndex), error: error))
+                }
+            }
+            for pair in Set(queues.map { active.pair(of: $0.index) }).sorted() {
+                do throws(SystemError) { try restartWorker(pair: pair, of: active) } catch {
+                    // Without a worker its queues cannot run: stop them where they are.
+                    for index in active.configurations.keys.sorted() where active.pair(of: index) == pair {
+                        stopped.append(StoppedQueue(state: uninstall(index, from: active),
+                                                    error: .backend("cannot start the worker of queue pair \(pair): \(error)")))
+                    }
+                }
+            }
+            return stopped
+        }
+    }
+
+    /// Validates, maps and builds the engines of `queues` into `active` (their workers stopped);
+    /// nothing is installed if any is refused.
+    private func install(_ queues: [QueueConfiguration], in active: ActiveQueues) throws(NetDeviceError) {
         let pairs = configuration.queuePairs
+        let features = active.features
         let ringFeatures = RingFeatures(
-            eventIndex: features.contains(.eventIndex), indirectDescriptors: features.contains(.indirectDescriptors)
-        )
-        let announcements: Announcements
-        do { announcements = try Announcements() } catch { throw .backend("cannot create the announcement eventfd: \(error)") }
-        let active = ActiveQueues(memory: memory, pairs: pairs, controlIndex: controlIndex, announcements: announcements)
+            eventIndex: features.contains(.eventIndex), indirectDescriptors: features.contains(.indirectDescriptors))
         let mtu = self.mtu
         var seen = Set<Int>()
+        var built: [(QueueConfiguration, SplitQueue)] = []
         for queue in queues {
-            guard queue.index >= 0, queue.index < 2 * pairs || queue.index == controlIndex else {
+            guard queue.index >= 0, queue.index < 2 * pairs || queue.index == active.controlIndex else {
                 throw .invalidQueue(index: queue.index, "no such queue")
             }
             guard seen.insert(queue.index).inserted else { throw .invalidQueue(index: queue.index, "given twice") }
             guard queue.size <= configuration.maximumQueueSize else {
                 throw .invalidQueue(index: queue.index, "size \(queue.size) exceeds the maximum \(configuration.maximumQueueSize)")
             }
-            let ring: SplitQueue
+            guard queue.kick != nil || active.drive == .manual else {
+                throw .invalidQueue(index: queue.index, "a kick eventfd is needed for worker threads")
+            }
             do {
-                ring = try SplitQueue(memory: memory, size: queue.size, rings: queue.rings, features: ringFeatures,
-                                      nextAvailableIndex: queue.nextAvailableIndex)
+                built.append((queue, try SplitQueue(memory: active.memory, size: queue.size, rings: queue.rings,
+                                                    features: ringFeatures, nextAvailableIndex: queue.nextAvailableIndex)))
             } catch {
                 throw .queueSetup(index: queue.index, error)
             }
-            let queueLogger = logger
-            if queue.index == controlIndex {
+        }
+        for (queue, ring) in built {
+            if queue.index == active.controlIndex {
                 active.control = ControlQueueEngine(
-                    index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: queueLogger,
-                    execute: { [weak self] command in self?.executeControl(command) ?? .error }
-                )
+                    index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: logger,
+                    execute: { [weak self] command in self?.executeControl(command) ?? .error })
             } else if queue.index % 2 == 0 {
                 let pair = queue.index / 2
                 active.receive[pair] = ReceiveQueue(
                     index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].receive, features: features, mtu: mtu,
-                    filter: filterCell, logger: queueLogger
-                )
+                    counters: queuePairCounters[pair].receive, features: features, mtu: mtu, filter: filterCell, logger: logger)
             } else {
                 let pair = queue.index / 2
                 active.transmit[pair] = TransmitQueue(
                     index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].transmit, features: features, mtu: mtu,
-                    logger: queueLogger
-                )
+                    counters: queuePairCounters[pair].transmit, features: features, mtu: mtu, logger: logger)
             }
-            if let error = queue.error { active.errors[queue.index] = error }
-            if let kick = queue.kick {
-                active.kicks[queue.index] = kick
-            } else if drive == .workerThreads {
-                throw .invalidQueue(index: queue.index, "a kick eventfd is needed for worker threads")
-            }
-        }
-        try state.withLock { (state) throws(NetDeviceError) in
-            guard state.active == nil else { throw .invalidState("already active") }
-            state.active = active
-        }
-        if drive == .workerThreads {
-            do {
-                try startWorkers(active)
-            } catch {
-                reset()
-                throw .backend("cannot start queue workers: \(error)")
-            }
+            active.configurations[queue.index] = queue
         }
     }
 
-    private func startWorkers(_ active: ActiveQueues) throws(SystemError) {
-        for pair in 0..<configuration.queuePairs {
-            let control = pair == 0 ? active.control : nil
-            guard active.receive[pair] != nil || active.transmit[pair] != nil || control != nil else { continue }
-            let worker = try QueuePairWorker(
-                pair: pair, receive: active.receive[pair], transmit: active.transmit[pair], control: control,
-                receiveKick: active.kicks[2 * pair], transmitKick: active.kicks[2 * pair + 1],
-                controlKick: control.flatMap { active.kicks[$0.index] },
-                counters: queuePairCounters[pair], controlCounters: controlCounters,
-                announcements: pair == 0 ? active.announcements : nil, memory: active.memory, backend: backend,
-                onBroken: { [weak self] queue, fault in self?.markBroken(queue: queue, fault) },
-                logger: logger
-            )
-            active.workers.append(worker)
-            workerCount.add(1, ordering: .relaxed)
-            try worker.start()
+    /// Takes queue `index` out of `active` (its worker stopped) and says where it stopped.
+    private func uninstall(_ index: Int, from active: ActiveQueues) -> QueueState {
+        defer { active.configurations[index] = nil }
+        if index == active.controlIndex, let control = active.control {
+            active.control = nil
+            return QueueState(index: index, nextAvailableIndex: control.nextAvailableIndex)
         }
+        let pair = index / 2
+        if index % 2 == 0, let receive = active.receive[pair] {
+            receive.returnCachedChains()
+            active.receive[pair] = nil
+            return QueueState(index: index, nextAvailableIndex: receive.nextAvailableIndex)
+        }
+        if let transmit = active.transmit[pair] {
+            active.transmit[pair] = nil
+            return QueueState(index: index, nextAvailableIndex: transmit.nextAvailableIndex)
+        }
+        return QueueState(index: index, nextAvailableIndex: active.configurations[index]?.nextAvailableIndex ?? 0)
+    }
+
+    private func stopWorker(pair: Int, of active: ActiveQueues) {
+        guard let worker = active.workers.removeValue(forKey: pair) else { return }
+        worker.stop()
+        workerCount.subtract(1, ordering: .relaxed)
+    }
+
+    /// Starts a worker for `pair` if it has queues (stopping the one it had first).
+    private func restartWorker(pair: Int, of active: ActiveQueues) throws(SystemError) {
+        stopWorker(pair: pair, of: active)
+        guard active.drive == .workerThreads else { return }
+        let control = pair == 0 ? active.control : nil
+        guard active.receive[pair] != nil || active.transmit[pair] != nil || control != nil else { return }
+        let kicks = active.kicks
+        // The worker's own copy: the device's tables change while other pairs' workers run.
+        let errors = active.errors.filter { active.pair(of: $0.key) == pair }
+        let worker = try QueuePairWorker(
+            pair: pair, receive: active.receive[pair], transmit: active.transmit[pair], control: control,
+            receiveKick: kicks[2 * pair], transmitKick: kicks[2 * pair + 1],
+            controlKick: control.flatMap { kicks[$0.index] },
+            counters: queuePairCounters[pair], controlCounters: controlCounters,
+            announcements: pair == 0 ? active.announcements : nil, memory: active.memory, backend: backend,
+            onBroken: { [weak self] queue, fault in self?.markBroken(queue: queue, fault, error: errors[queue]) },
+            logger: logger)
+        active.workers[pair] = worker
+        workerCount.add(1, ordering: .relaxed)
+        try worker.start()
+    }
+
+    /// Stops every worker and takes every queue out; where each stopped.
+    private func stopEverything(_ active: ActiveQueues) -> [QueueState] {
+        for pair in Array(active.workers.keys) { stopWorker(pair: pair, of: active) }
+        return active.configurations.keys.sorted().map { uninstall($0, from: active) }
     }
 
     deinit {
         if let active = state.withLock({ $0.active }) {
-            for worker in active.workers { worker.stop() }
+            for worker in active.workers.values { worker.stop() }
         }
     }
 
     /// Stops the device and returns where each queue stopped. Features must be acknowledged again.
     @discardableResult
     public func reset() -> [QueueState] {
-        let active = state.withLock { state -> ActiveQueues? in
-            let active = state.active
-            state.active = nil
-            state.negotiated = nil
-            state.needsReset = false
-            state.control = ControlState()
-            return active
+        changes.withLock { _ in
+            let active = state.withLock { state -> ActiveQueues? in
+                let active = state.active
+                state.active = nil
+                state.negotiated = nil
+                state.needsReset = false
+                state.control = ControlState()
+                return active
+            }
+            guard let active else { return [] }
+            let states = stopEverything(active)
+            // A worker in the middle of its pass may have found a broken ring meanwhile: that ring
+            // belonged to this activation, and this reset is what it asked for.
+            state.withLock { $0.needsReset = false }
+            return states
         }
-        guard let active else { return [] }
-        for worker in active.workers { worker.stop() }
-        workerCount.subtract(active.workers.count, ordering: .relaxed)
-        active.workers.removeAll()
-        // A worker in the middle of its pass may have found a broken ring meanwhile: that ring
-        // belonged to this activation, and this reset is what it asked for.
-        state.withLock { $0.needsReset = false }
-        var states: [QueueState] = []
-        for queue in active.receive.compactMap({ $0 }) {
-            queue.returnCachedChains()
-            states.append(QueueState(index: queue.index, nextAvailableIndex: queue.nextAvailableIndex))
-        }
-        for queue in active.transmit.compactMap({ $0 }) {
-            states.append(QueueState(index: queue.index, nextAvailableIndex: queue.nextAvailableIndex))
-        }
-        if let control = active.control {
-            states.append(QueueState(index: control.index, nextAvailableIndex: control.nextAvailableIndex))
-        }
-        return states.sorted { $0.index < $1.index }
     }
 
     /// Announces the guest at `mac` out of the backend (a RARP request, as after a live migration),
@@ -350,16 +487,26 @@ public final class NetDevice: Sendable {
     /// the device is not running.
     public func announce(mac: MACAddress) {
         let frame = Announcements.reverseARP(for: mac)
-        state.withLock { state in
-            if let active = state.active, active.receive[0] != nil || active.transmit[0] != nil || active.control != nil {
+        changes.withLock { _ in
+            if let active = state.withLock({ $0.active }), active.receive[0] != nil || active.transmit[0] != nil || active.control != nil {
                 active.announcements.post(frame)
             } else {
-                // No worker owns queue 0, and activation waits for this lock.
+                // No one owns queue 0, and no change to the queues can start while this lock is held.
                 let announcements = try? Announcements()
                 announcements?.post(frame)
                 announcements?.send(through: backend, queue: 0)
             }
         }
+    }
+
+    /// The first `count` queue pairs carry traffic (what the driver's VQ_PAIRS_SET asks; a vhost-user
+    /// frontend, which keeps the control queue, says it by enabling rings).
+    public func setActiveQueuePairs(_ count: Int) throws(NetDeviceError) {
+        guard (1...configuration.queuePairs).contains(count) else {
+            throw .invalidConfiguration("\(count) active queue pairs; the device has \(configuration.queuePairs)")
+        }
+        do { try backend.setActiveQueuePairs(count) } catch { throw .backend(error.description) }
+        state.withLock { $0.control.activeQueuePairs = count }
     }
 
     /// The receive filter as the control queue last set it.
@@ -376,7 +523,7 @@ public final class NetDevice: Sendable {
     /// Returns false if the guest broke a ring (the device then needs a reset).
     @discardableResult
     public func poll() -> Bool {
-        guard let active = state.withLock({ $0.active }), active.workers.isEmpty else { return !needsReset }
+        guard let active = state.withLock({ $0.active }), active.drive == .manual else { return !needsReset }
         for (index, kick) in active.kicks {
             if (try? kick.drain()) != nil { countKick(queue: index, controlIndex: active.controlIndex) }
         }
@@ -389,18 +536,18 @@ public final class NetDevice: Sendable {
             rounds += 1
             if let control = active.control {
                 let result = control.process(budget: 256)
-                healthy = check(result, queue: control.index) && healthy
+                healthy = check(result, queue: control.index, in: active) && healthy
                 if result == .budgetExhausted { progress = true }
             }
             for pair in 0..<configuration.queuePairs {
                 if let queue = active.transmit[pair] {
                     let result = queue.process(backend: backend, budget: 256)
-                    healthy = check(result, queue: queue.index) && healthy
+                    healthy = check(result, queue: queue.index, in: active) && healthy
                     if result == .budgetExhausted { progress = true }
                 }
                 if let queue = active.receive[pair] {
                     let result = queue.process(backend: backend, budget: 256)
-                    healthy = check(result, queue: queue.index) && healthy
+                    healthy = check(result, queue: queue.index, in: active) && healthy
                     if result == .budgetExhausted { progress = true }
                 }
             }
@@ -408,7 +555,7 @@ public final class NetDevice: Sendable {
         if MemoryMapping.faultsInProcess != 0 && active.memory.faults > 0 && !needsReset {
             // The frontend took guest memory away: every ring stops until the device is reset.
             let indices = active.receive.compactMap { $0?.index } + active.transmit.compactMap { $0?.index } + [active.control?.index].compactMap { $0 }
-            for index in indices { markBroken(queue: index, .guestMemoryLost) }
+            for index in indices { markBroken(queue: index, .guestMemoryLost, error: active.errors[index]) }
             healthy = false
         }
         return healthy
@@ -426,17 +573,15 @@ public final class NetDevice: Sendable {
         }
     }
 
-    private func check(_ result: QueuePassResult, queue: Int) -> Bool {
+    private func check(_ result: QueuePassResult, queue: Int, in active: ActiveQueues) -> Bool {
         guard case .broken(let fault) = result else { return true }
-        markBroken(queue: queue, fault)
+        markBroken(queue: queue, fault, error: active.configurations[queue]?.error)
         return false
     }
 
-    func markBroken(queue: Int, _ fault: QueueFault) {
-        let error = state.withLock { state -> EventFD? in
-            state.needsReset = true
-            return state.active?.errors[queue]
-        }
+    /// DEVICE_NEEDS_RESET for a ring the guest broke: signals the ring's error eventfd, if it has one.
+    func markBroken(queue: Int, _ fault: QueueFault, error: EventFD?) {
+        state.withLock { $0.needsReset = true }
         try? error?.signal()
         logger.error("guest broke a virtqueue; the device needs a reset", metadata: ["queue": "\(queue)", "fault": "\(fault)"])
     }

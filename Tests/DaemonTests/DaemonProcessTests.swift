@@ -115,6 +115,19 @@ final class TestNamespace: Sendable {
 }
 
 /// A minimal HTTP/1.0 GET over TCP to 127.0.0.1:`port`, run in the calling thread's namespace.
+/// GET /metrics from inside `namespace`, retried until the endpoint listens (the daemon starts it
+/// after its devices, so their sockets may be there first) or 20 s pass.
+func fetchMetrics(_ namespace: TestNamespace, port: UInt16) throws -> String {
+    var body: String? = nil
+    var lastError: Error? = nil
+    _ = eventually(timeout: 20) {
+        do { body = try namespace.run { try httpGet(port: port, path: "/metrics") } } catch { lastError = error }
+        return body != nil
+    }
+    guard let body else { throw lastError ?? Frontend.FrontendError("no metrics from port \(port)") }
+    return body
+}
+
 func httpGet(port: UInt16, path: String) throws -> String {
     let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
     guard fd >= 0 else { throw SystemError(call: "socket", code: errno) }
@@ -374,7 +387,7 @@ struct DaemonProcessTests {
         #expect(eventually { ((try? namespace.packetCounters(taps[1]).rx) ?? 0) > secondBefore.rx }, "frames from the second device reach its TAP")
 
         // Metrics, fetched from inside the namespace.
-        let body = try namespace.run { try httpGet(port: port, path: "/metrics") }
+        let body = try fetchMetrics(namespace, port: port)
         #expect(body.hasPrefix("HTTP/1.1 200"), "\(body.prefix(200))")
         let transmitted = metricValue(body, name: "virtio_net_frames_total", labels: ["device": "net0", "queue": "tx0"])
         #expect((transmitted ?? 0) >= Double(sent), "net0 tx0 frames: \(transmitted.map { "\($0)" } ?? "missing") in\n\(body)")
@@ -569,7 +582,7 @@ struct DaemonProcessTests {
         // A frontend on two of fa's queue pairs: its rings' eventfds and workers are counted.
         let frontend = try Frontend.connect(path: sockets[0])
         _ = try frontend.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20), queuePairs: 2)
-        let body = try namespace.run { try httpGet(port: port, path: "/metrics") }
+        let body = try fetchMetrics(namespace, port: port)
         let heldA = metricValue(body, name: "virtio_net_descriptors_held", labels: ["device": "fa"])
         let heldB = metricValue(body, name: "virtio_net_descriptors_held", labels: ["device": "fb"])
         // fa: 16 TAP queues and its control socket, the service's listener, stop eventfd and

@@ -142,7 +142,7 @@ struct VhostUserNegotiationTests {
         let frontend = try served.connect()
         try frontend.setProtocolFeatures(try frontend.getProtocolFeatures() & Frontend.defaultProtocolFeatures)
         #expect(try frontend.getQueueNum() == UInt64(queuePairs))
-        #expect(try frontend.getMaxMemSlots() == 32)
+        #expect(try frontend.getMaxMemSlots() == 509)
         let config = try frontend.getConfig(offset: 0, size: 12)
         #expect(Array(config[0..<6]) == deviceMAC.array, "mac")
         #expect(LE.u16(config, at: 6) == 1, "status: link up")

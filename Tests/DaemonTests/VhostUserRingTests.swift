@@ -85,7 +85,7 @@ struct VhostUserRingTests {
         try frontend.setVringBase(0, receiveBase.base)
         try frontend.setVringEnable(1, true)
         #expect(guest.holds(for: quietPeriod) { transmit.usedIndex == 3 })
-        #expect(!served.device.isActive)
+        #expect(served.device.runningQueues.isEmpty)
 
         guest.postReceiveBuffers(count: 1)
         try frontend.sendKick(0, of: guest)
@@ -239,9 +239,9 @@ struct VhostUserRingTests {
         let outcome = frontend.exchange(Frontend.Request.setMemTable.rawValue, flags: Frontend.version | Frontend.needReplyFlag,
                                         payload: Frontend.memTablePayload([regions[1]]), fds: [memory.fds[1]])
         #expect(isErrorAck(outcome), "the rings cannot start: \(outcome)")
-        #expect(!served.device.isActive)
+        #expect(served.device.runningQueues.isEmpty)
         try frontend.setMemTable(regions, fds: memory.fds)
-        #expect(served.device.isActive)
+        #expect(served.device.runningQueues == [0, 1])
         guest.kick(0, since: 0, always: true)
         #expect(roundTrip(guest, sizes: [60, 1514], seed: 5))
     }
@@ -259,15 +259,16 @@ struct VhostUserRingTests {
             let probe = try ProbeFD(size: 4096)
             probes.append(probe)
             try frontend.addMemoryRegion(Frontend.Region(guestAddress: 0x10_0000 + slot * 0x10000, size: 4096, userAddress: 0x7e00_0010_0000 + slot * 0x10000), fd: probe.rawValue)
+            probe.closeOwn()  // the backend keeps a mapping, not the descriptor
         }
         let extra = try ProbeFD(size: 4096)
         let outcome = frontend.exchange(Frontend.Request.addMemReg.rawValue, flags: Frontend.version | Frontend.needReplyFlag,
-                                        payload: LE.u64(0) + Frontend.Region(guestAddress: 0x100_0000, size: 4096, userAddress: 0x7e00_0100_0000).bytes,
+                                        payload: LE.u64(0) + Frontend.Region(guestAddress: 0x1000_0000, size: 4096, userAddress: 0x7e00_1000_0000).bytes,
                                         fds: [extra.rawValue])
         #expect(isErrorAck(outcome), "slot \(slots + 1): \(outcome)")
         // Removing one makes room again.
         try frontend.removeMemoryRegion(Frontend.Region(guestAddress: 0x10_0000, size: 4096, userAddress: 0x7e00_0010_0000))
-        try frontend.addMemoryRegion(Frontend.Region(guestAddress: 0x100_0000, size: 4096, userAddress: 0x7e00_0100_0000), fd: extra.rawValue)
+        try frontend.addMemoryRegion(Frontend.Region(guestAddress: 0x1000_0000, size: 4096, userAddress: 0x7e00_1000_0000), fd: extra.rawValue)
     }
 
     @Test("The backend keeps mappings, not descriptors, and unmaps the memory when the frontend leaves")

@@ -342,7 +342,7 @@ let validationCases: [ValidationCase] = [
         #expect(isSuccessAck(c.send(.setVringAddr, payload: Frontend.vringAddress(1, descriptorTable: 0x10, usedRing: 0x2000, availableRing: 0x1000))),
                 "stored while the ring is not enabled")
         #expect(isErrorAck(c.send(.setVringEnable, payload: Frontend.vringState(1, 1))), "the ring cannot start")
-        #expect(!c.served.device.isActive)
+        #expect(!c.served.device.runningQueues.contains(1))
     },
 
     // Headers and requests.
