@@ -128,15 +128,34 @@ public final class GuestMemory: Sendable {
         let start = address.rawValue
         let (end, overflow) = start.addingReportingOverflow(length)
         guard !overflow else { throw .overflow(address: start, length: length) }
-        for region in regions where start >= region.guestStart && start < region.guestEnd {
-            guard end <= region.guestEnd else {
-                throw regionContaining(region.guestEnd) != nil
-                    ? .notContiguous(address: start, length: length)
-                    : .outOfRange(address: start, length: length)
-            }
-            return region.host + Int(start - region.guestStart)
+        guard let index = regionIndex(containing: start) else { throw .outOfRange(address: start, length: length) }
+        let region = regions[index]
+        guard end <= region.guestEnd else {
+            throw regionContaining(region.guestEnd) != nil
+                ? .notContiguous(address: start, length: length)
+                : .outOfRange(address: start, length: length)
         }
-        throw .outOfRange(address: start, length: length)
+        return region.host + Int(start - region.guestStart)
+    }
+
+    /// The index of the region holding guest-physical `address`. Regions are sorted and disjoint: a
+    /// few are scanned, many (a guest with memory hot-plugged in many DIMMs) are searched.
+    @inlinable
+    func regionIndex(containing address: UInt64) -> Int? {
+        if regions.count <= 8 {
+            for index in regions.indices where address >= regions[index].guestStart && address < regions[index].guestEnd {
+                return index
+            }
+            return nil
+        }
+        // The last region starting at or below `address`, if it reaches it.
+        var low = 0, high = regions.count
+        while low < high {
+            let middle = (low + high) / 2
+            if regions[middle].guestStart <= address { low = middle + 1 } else { high = middle }
+        }
+        guard low > 0, address < regions[low - 1].guestEnd else { return nil }
+        return low - 1
     }
 
     /// The host address of `length` bytes at a frontend (vhost-user) virtual address.
@@ -160,8 +179,7 @@ public final class GuestMemory: Sendable {
 
     @usableFromInline
     func regionContaining(_ address: UInt64) -> GuestMemoryRegion? {
-        for region in regions where address >= region.guestStart && address < region.guestEnd { return region }
-        return nil
+        regionIndex(containing: address).map { regions[$0] }
     }
 
     /// Appends iovecs covering `length` bytes at `address`: one per region the range touches.
@@ -174,21 +192,17 @@ public final class GuestMemory: Sendable {
         if length == 0 { return }
         let rollback = iovecs.count
         while start < end {
-            var found = false
-            for region in regions where start >= region.guestStart && start < region.guestEnd {
-                let pieceEnd = min(end, region.guestEnd)
-                guard iovecs.append(base: region.host + Int(start - region.guestStart), length: Int(pieceEnd - start)) else {
-                    iovecs.count = rollback
-                    throw .tooManySegments(limit: iovecs.capacity)
-                }
-                start = pieceEnd
-                found = true
-                break
-            }
-            if !found {
+            guard let index = regionIndex(containing: start) else {
                 iovecs.count = rollback
                 throw .outOfRange(address: address.rawValue, length: length)
             }
+            let region = regions[index]
+            let pieceEnd = min(end, region.guestEnd)
+            guard iovecs.append(base: region.host + Int(start - region.guestStart), length: Int(pieceEnd - start)) else {
+                iovecs.count = rollback
+                throw .tooManySegments(limit: iovecs.capacity)
+            }
+            start = pieceEnd
         }
     }
 

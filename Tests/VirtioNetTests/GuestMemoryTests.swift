@@ -32,6 +32,43 @@ struct GuestMemoryTests {
         #expect(one.count == 0)
     }
 
+    /// A guest with memory hot-plugged in many DIMMs has as many regions as vhost-user slots (509):
+    /// every byte of every region translates to its own mapping, gaps and ends do not.
+    @Test("509 regions with gaps between some: first, last and straddling bytes translate; gaps and ends do not",
+          arguments: [1, 2, 8, 9, 509])
+    func manyRegions(count: Int) throws {
+        let fd = try MemFD.create(name: "many-regions", size: count * 4096)
+        var regions: [GuestMemoryRegion] = []
+        var starts: [UInt64] = []
+        var start: UInt64 = 0x10_0000
+        for index in 0..<count {
+            // Every third region follows the previous one directly; the others leave a gap.
+            if index % 3 != 0 { start += 4096 * 3 }
+            starts.append(start)
+            regions.append(try GuestMemoryRegion(
+                description: MemoryRegionDescription(guestAddress: GuestAddress(start), size: 4096, mmapOffset: UInt64(index * 4096)), fd: fd.rawValue))
+            start += 4096
+        }
+        let memory = try GuestMemory(regions: regions.shuffled())
+        for (index, regionStart) in starts.enumerated() {
+            let expected = memory.regions.first { $0.description.guestAddress.rawValue == regionStart }!
+            #expect(try memory.hostPointer(GuestAddress(regionStart), length: 1) == expected.host)
+            #expect(try memory.hostPointer(GuestAddress(regionStart + 4095), length: 1) == expected.host + 4095)
+            #expect(throws: GuestMemoryError.self) { try memory.hostPointer(GuestAddress(regionStart + 4095), length: 2) }
+            let followed = index + 1 < count && starts[index + 1] == regionStart + 4096
+            if !followed {
+                #expect(throws: GuestMemoryError.outOfRange(address: regionStart + 4096, length: 1)) {
+                    try memory.hostPointer(GuestAddress(regionStart + 4096), length: 1)
+                }
+            } else {
+                var iovecs = IOVecArray(capacity: 2)
+                try memory.appendIOVecs(GuestAddress(regionStart + 4000), length: 200, to: &iovecs)
+                #expect(iovecs.count == 2)
+            }
+        }
+        #expect(throws: GuestMemoryError.outOfRange(address: 0x10_0000 - 1, length: 1)) { try memory.hostPointer(GuestAddress(0x10_0000 - 1), length: 1) }
+    }
+
     @Test func overlappingRegionsAreRefused() throws {
         let fd = try MemFD.create(name: "overlap", size: 1 << 16)
         let a = try GuestMemoryRegion(description: MemoryRegionDescription(guestAddress: GuestAddress(0), size: 1 << 16), fd: fd.rawValue)
