@@ -139,12 +139,12 @@ final class ReceiveQueue: @unchecked Sendable {
         var result = QueuePassResult.budgetExhausted
         var handled = 0
         while handled < budget {
-            switch refill(handled: &handled, budget: budget, unpublished: &unpublished) {
-            case .broken(let fault): result = .broken(fault)
-            case .budgetExhausted: result = .budgetExhausted
-            default: break
+            let refilled = refill(handled: &handled, budget: budget, unpublished: &unpublished)
+            if case .broken(let fault) = refilled {
+                result = .broken(fault)
+                break
             }
-            if handled >= budget || result != .budgetExhausted { break }
+            if handled >= budget { break }
             // The cache holds all it ever can for the frame at its front: the guest posted everything,
             // or the next chain waits behind the cache.
             let cacheIsFinal = cacheClosed || cacheCount == cacheCapacity
@@ -206,7 +206,7 @@ final class ReceiveQueue: @unchecked Sendable {
                         }
                     }
                 }
-                if result == .idle { break }
+                if case .idle = result { break }
             }
             if unpublished >= EngineLimits.burst {
                 publish()
@@ -221,43 +221,30 @@ final class ReceiveQueue: @unchecked Sendable {
     /// Pops chains until the cache holds `targetCapacity` bytes (one chain without mergeable buffers
     /// is enough if it is big enough), the ring is empty, or the cache is closed. Bad chains are given
     /// back as used with length 0 and count against the budget; behind cached chains they wait.
-    private func refill(handled: inout Int, budget: Int, unpublished: inout Int) -> QueuePassResult {
+    @inline(__always)
+    private func refill(handled: inout Int, budget: Int, unpublished: inout Int) -> RefillOutcome {
         while cacheCount < cacheCapacity && !cacheClosed {
             if mergeable ? cachedBytes >= max(targetCapacity, bouncedLength) : cacheCount > 0 { break }
             guard handled < budget else { return .budgetExhausted }
             if iovecs.capacity - iovecs.count < Self.segmentLimit { compact() }
             let start = iovecs.count
-            var refusal: String? = nil
-            var refusedHead: UInt16 = 0
-            var chain: DescriptorChain? = nil
+            let chain: DescriptorChain
             do throws(VirtqueueError) {
                 guard let popped = try ring.popChain(into: &iovecs) else { break }
-                if popped.readable.isEmpty, popped.writableLength >= UInt32(headerSize) {
-                    chain = popped
-                } else {
-                    iovecs.count = start
-                    refusedHead = popped.head
-                    refusal = popped.readable.isEmpty ? "buffer shorter than the header" : "readable descriptor in a receive chain"
-                }
+                chain = popped
             } catch {
                 switch error {
                 case .badChain(let head, let fault):
-                    refusedHead = head
-                    refusal = "\(fault)"
+                    guard refuse(head: head, fault, handled: &handled, unpublished: &unpublished) else { return .ready }
+                    continue
                 case .broken(let fault):
                     return .broken(fault)
                 }
             }
-            guard let chain else {
-                if cacheCount > 0 {
-                    // Used now, it would sit between cached chains that a stopped ring must give back.
-                    ring.undoPop(1)
-                    cacheClosed = true
-                    break
-                }
-                drop(head: refusedHead, refusal ?? "")
-                unpublished += 1
-                handled += 1
+            guard chain.readable.isEmpty, chain.writableLength >= UInt32(headerSize) else {
+                iovecs.count = start
+                let why = chain.readable.isEmpty ? "buffer shorter than the header" : "readable descriptor in a receive chain"
+                guard refuse(head: chain.head, why, handled: &handled, unpublished: &unpublished) else { return .ready }
                 continue
             }
             if cacheCount > 0 && iovecs.count - window > Self.segmentLimit {
@@ -271,7 +258,28 @@ final class ReceiveQueue: @unchecked Sendable {
             cacheCount += 1
             cachedBytes += Int(chain.writableLength)
         }
-        return .idle
+        return .ready
+    }
+
+    private enum RefillOutcome {
+        case ready
+        case budgetExhausted
+        case broken(QueueFault)
+    }
+
+    /// A bad chain the refill popped: given back used at once when nothing is cached (counting
+    /// against the budget; true), else put back, closing the cache, to wait behind the cached
+    /// chains that a stopped ring must be able to give back (false).
+    private func refuse(head: UInt16, _ why: Any, handled: inout Int, unpublished: inout Int) -> Bool {
+        if cacheCount > 0 {
+            ring.undoPop(1)
+            cacheClosed = true
+            return false
+        }
+        drop(head: head, why)
+        unpublished += 1
+        handled += 1
+        return true
     }
 
     /// Moves the live iovecs (at most `segmentLimit`) to the front of the array.
@@ -287,6 +295,7 @@ final class ReceiveQueue: @unchecked Sendable {
     }
 
     /// The iovecs of the first `chains` cached chains (never more than one read takes).
+    @inline(__always)
     private func windowIOVecs(chains: Int) -> UnsafeMutableBufferPointer<iovec> {
         let end = cache[(cacheFirst + chains - 1) % cacheCapacity].iovecEnd
         return iovecs.buffer(window..<end)

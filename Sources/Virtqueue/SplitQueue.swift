@@ -116,7 +116,7 @@ public struct SplitQueue: @unchecked Sendable {
     ///
     /// On `.badChain`, the chain has been consumed and nothing was appended: give it back with
     /// `addUsed(head:length: 0)`. On `.broken`, nothing was consumed.
-    @inlinable
+    @inlinable @inline(__always)
     public mutating func popChain(into iovecs: inout IOVecArray) throws(VirtqueueError) -> DescriptorChain? {
         guard try availableCount() > 0 else { return nil }
         let slot = Int(nextAvailableIndex & mask)

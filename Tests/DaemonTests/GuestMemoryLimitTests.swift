@@ -10,7 +10,7 @@ import VirtioNetTestSupport
 
 /// Bytes of this process's mappings of the memfd called `name` (/proc/self/maps).
 private func mappedBytes(ofMemFD name: String) -> UInt64 {
-    guard let maps = try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8) else { return 0 }
+    guard let maps = readProcFile("/proc/self/maps") else { return 0 }
     var total: UInt64 = 0
     for line in maps.split(separator: "\n") where line.contains("/memfd:\(name) ") || line.hasSuffix("/memfd:\(name)") {
         let range = line.prefix { $0 != " " }.split(separator: "-")
