@@ -3,6 +3,7 @@ import Glibc
 #endif
 import GuestMemory
 import Logging
+import Synchronization
 import Sys
 import VirtioNet
 import Virtqueue
@@ -60,15 +61,27 @@ public final class VhostUserBackend {
         rings = Array(repeating: Ring(), count: 2 * device.configuration.queuePairs)
     }
 
-    /// The frontend's eventfds (kick, call, error) the rings hold now.
-    public var eventFDCount: Int {
+    /// The frontend's eventfds (kick, call, error) the rings hold, as counted after the last message
+    /// (before its reply went out); safe to read from any thread.
+    public var eventFDCount: Int { eventFDTally.count }
+    /// The same count, shareable with other threads (metrics).
+    public let eventFDTally = Tally()
+
+    /// A count one thread sets and any thread reads.
+    public final class Tally: Sendable {
+        private let value = Atomic<Int>(0)
+        public var count: Int { value.load(ordering: .relaxed) }
+        func set(_ count: Int) { value.store(count, ordering: .relaxed) }
+    }
+
+    private func countEventFDs() {
         var seen = Set<ObjectIdentifier>()
         for ring in rings {
             for event in [ring.kick, ring.call, ring.error] {
                 if let event { seen.insert(ObjectIdentifier(event)) }
             }
         }
-        return seen.count
+        eventFDTally.set(seen.count)
     }
 
     /// What GET_FEATURES offers: the device's features, minus those the frontend handles itself (the
@@ -92,6 +105,7 @@ public final class VhostUserBackend {
     /// Handles one message. Returns the reply payload for requests that have one.
     /// Throws for a refused message; the caller replies with failure or ends the connection.
     public func handle(_ header: VhostUserHeader, payload: [UInt8], fds: [ReceivedFD]) throws(VhostUserError) -> [UInt8]? {
+        defer { countEventFDs() }
         let limits = VhostUserMessage.Limits(rings: rings.count, maximumQueueSize: device.configuration.maximumQueueSize,
                                              memTableRegions: Self.memTableRegions)
         switch try VhostUserMessage.decode(header, payload: payload, fds: fds, limits: limits) {
@@ -146,6 +160,7 @@ public final class VhostUserBackend {
         resetDevice()
         protocolFeatures = []
         protocolFeaturesNegotiated = false
+        countEventFDs()
     }
 
     /// Back to the state after connecting, protocol features kept (RESET_OWNER, RESET_DEVICE). What a

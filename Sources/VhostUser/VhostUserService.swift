@@ -63,7 +63,11 @@ public final class VhostUserService: Sendable {
 
     /// Descriptors the service holds now: its stop eventfd, the listener (server mode), the
     /// frontend's connection and the eventfds the frontend gave for its rings.
-    public var descriptorCount: Int { heldDescriptors.load(ordering: .relaxed) }
+    public var descriptorCount: Int {
+        heldDescriptors.load(ordering: .relaxed) + attached.withLock { $0?.count ?? 0 }
+    }
+    /// The eventfd count of the frontend attached now, for `descriptorCount` from other threads.
+    private let attached = Mutex<VhostUserBackend.Tally?>(nil)
 
     /// How many frontends have connected so far.
     public var connectionCount: Int { state.withLock { $0.connections } }
@@ -114,7 +118,7 @@ public final class VhostUserService: Sendable {
                 }
             }
 
-            heldDescriptors.store(1 + (listener == nil ? 0 : 1) + (connection.map { 1 + $0.backend.eventFDCount } ?? 0), ordering: .relaxed)
+            heldDescriptors.store(1 + (listener == nil ? 0 : 1) + (connection == nil ? 0 : 1), ordering: .relaxed)
             let now = ContinuousClock.now
             if let until = listenerRestsUntil, now >= until { listenerRestsUntil = nil }
             var waitFor: [(fd: Int32, events: PollEvents)] = [(stopSignal.rawValue, .readable)]
@@ -190,6 +194,8 @@ public final class VhostUserService: Sendable {
             throw error
         }
         state.withLock { $0.connections += 1 }
+        let tally = backend.eventFDTally
+        attached.withLock { $0 = tally }
         logger.info("vhost-user frontend connected", metadata: ["socket": "\(path)"])
         return connection
     }
@@ -204,6 +210,7 @@ public final class VhostUserService: Sendable {
     private func finish(_ connection: VhostUserConnection, _ end: VhostUserConnection.End) {
         connection.socket.shutdown()
         connection.backend.reset()
+        attached.withLock { $0 = nil }
         switch end {
         case .timedOut(let why):
             logger.warning("vhost-user frontend dropped: too slow", metadata: ["socket": "\(path)", "reason": "\(why)"])
