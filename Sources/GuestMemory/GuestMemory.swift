@@ -169,6 +169,19 @@ public final class GuestMemory: Sendable {
         throw .outOfRange(address: userAddress, length: length)
     }
 
+    /// The guest-physical address of a host pointer into one of the regions (what the device wrote
+    /// through an iovec, for dirty logging); nil if it points into none.
+    public func guestAddress(host pointer: UnsafeRawPointer) -> UInt64? {
+        let address = UInt(bitPattern: pointer)
+        for region in regions {
+            let start = UInt(bitPattern: region.host)
+            if address >= start && UInt64(address - start) < region.description.size {
+                return region.guestStart + UInt64(address - start)
+            }
+        }
+        return nil
+    }
+
     /// The guest-physical address for a frontend virtual address (for logging and ring addresses).
     public func guestAddress(userAddress: UInt64) -> GuestAddress? {
         for region in regions where userAddress >= region.userStart && userAddress < region.userEnd {

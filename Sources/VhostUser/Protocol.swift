@@ -75,7 +75,8 @@ public enum VhostUserRequest: UInt32, Sendable, CustomStringConvertible {
     /// Requests answered with a reply of their own (not only with REPLY_ACK).
     var hasReply: Bool {
         switch self {
-        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus: true
+        // SET_LOG_BASE is answered when the log comes as shared memory (LOG_SHMFD), the only way here.
+        case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus, .setLogBase: true
         default: false
         }
     }
@@ -99,7 +100,7 @@ public struct VhostUserProtocolFeatures: OptionSet, Sendable, CustomStringConver
     /// What this backend implements.
     /// CONFIG is not offered: QEMU's net frontend does not use it and warns when a backend offers it
     /// (GET_CONFIG is still answered).
-    public static let supported: Self = [.mq, .rarp, .replyAck, .netMTU, .resetDevice, .configureMemSlots, .status]
+    public static let supported: Self = [.mq, .logShmfd, .rarp, .replyAck, .netMTU, .resetDevice, .configureMemSlots, .status]
 
     public var description: String { "0x" + String(rawValue, radix: 16) }
 }
@@ -144,6 +145,10 @@ public struct VhostUserHeader: Equatable, Sendable {
 
 /// Feature bit 30 of GET/SET_FEATURES: protocol features may be negotiated.
 public let vhostUserProtocolFeaturesBit: UInt64 = 1 << 30
+
+/// Feature bit 26 of GET/SET_FEATURES (VHOST_F_LOG_ALL): the backend logs the guest pages it writes
+/// (live migration); the frontend sets it to start logging and clears it to stop.
+public let vhostLogAllBit: UInt64 = 1 << 26
 
 /// Little-endian fields out of an untrusted payload; every read is bounds-checked.
 public struct PayloadReader {

@@ -35,6 +35,8 @@ public final class VhostUserBackend {
         var call: EventFD?
         var error: EventFD?
         var enabled = false
+        /// The used ring's guest-physical address for dirty logging (SET_VRING_ADDR's VHOST_VRING_F_LOG).
+        var usedLog: UInt64?
     }
 
     private struct Region {
@@ -50,6 +52,11 @@ public final class VhostUserBackend {
     /// SET_PROTOCOL_FEATURES came, or SET_FEATURES carried bit 30: rings start disabled.
     private var protocolFeaturesNegotiated = false
     private var status: UInt8 = 0
+    /// Live migration: the log the frontend shared (SET_LOG_BASE), whether it asked for logging
+    /// (VHOST_F_LOG_ALL), and the eventfd it may want to hear about changes on.
+    private var dirtyLog: DirtyLog?
+    private var logAll = false
+    private var logChanged: EventFD?
     /// Rings running now, and the queue pairs the device was last told carry traffic.
     private var running: Set<Int> = []
     private var activePairs = 0
@@ -88,13 +95,19 @@ public final class VhostUserBackend {
     /// control queue and what depends on it), plus VHOST_USER_F_PROTOCOL_FEATURES.
     public var offeredFeatures: UInt64 {
         let frontendOwned: VirtioNetFeatures = [.ctrlVQ, .ctrlRx, .ctrlMACAddress, .ctrlGuestOffloads]
-        return device.offeredFeatures.subtracting(frontendOwned).rawValue | vhostUserProtocolFeaturesBit
+        // GUEST_ANNOUNCE is the frontend's too (it owns the control queue and config space), but only
+        // a backend that offers it lets the frontend offer it to the guest.
+        return device.offeredFeatures.subtracting(frontendOwned).rawValue | vhostUserProtocolFeaturesBit | vhostLogAllBit
+            | Self.guestAnnounceBit
     }
+
+    /// VIRTIO_NET_F_GUEST_ANNOUNCE: the guest announces itself after a migration when asked.
+    static let guestAnnounceBit: UInt64 = 1 << 21
 
     /// The features the device itself negotiates. MQ is the frontend's business (it owns the control
     /// queue and enables ring pairs with SET_VRING_ENABLE), so it is offered but not passed on.
     static func deviceFeatures(_ features: UInt64) -> VirtioNetFeatures {
-        VirtioNetFeatures(rawValue: features & ~vhostUserProtocolFeaturesBit).subtracting(.mq)
+        VirtioNetFeatures(rawValue: features & ~(vhostUserProtocolFeaturesBit | vhostLogAllBit | guestAnnounceBit)).subtracting(.mq)
     }
 
     /// Whether the frontend asked for REPLY_ACK on this message and negotiated it.
@@ -125,8 +138,10 @@ public final class VhostUserBackend {
         case .removeMemoryRegion(let description): try removeMemoryRegion(description)
         case .setVringNum(let index, let size): try changeRing(index) { $0.size = size }
         case .setVringAddr(let index, let addresses, let log):
-            guard log == nil else { throw VhostUserError("SET_VRING_ADDR asks for dirty logging, which is not offered") }
-            try changeRing(index) { $0.addresses = addresses }
+            try changeRing(index) {
+                $0.addresses = addresses
+                $0.usedLog = log
+            }
         case .setVringBase(let index, let base): try changeRing(index) { $0.nextAvailableIndex = base }
         case .getVringBase(let index): return getVringBase(index)
         case .setVringKick(let index, let event): try changeRing(index) { $0.kick = event }
@@ -145,6 +160,13 @@ public final class VhostUserBackend {
         case .sendRARP(let mac): device.announce(mac: mac)
         case .setStatus(let byte): status = byte
         case .getStatus: return reply64(UInt64(status) | (device.needsReset ? 0x40 : 0))
+        case .setLogBase(let size, let offset, let fd):
+            do { dirtyLog = try DirtyLog(fd: fd.rawValue, size: size, offset: offset) } catch {
+                throw VhostUserError("SET_LOG_BASE: \(error)")
+            }
+            updateLogging()
+            return reply64(0)
+        case .setLogFD(let event): logChanged = event
         }
         return nil
     }
@@ -174,6 +196,10 @@ public final class VhostUserBackend {
         memory = nil
         acknowledgedFeatures = nil
         status = 0
+        dirtyLog = nil
+        logAll = false
+        logChanged = nil
+        device.stopDirtyLogging()
         let configured = device.configuration.mtu
         if device.mtu != configured { try? device.setMTU(configured) }
     }
@@ -186,6 +212,8 @@ public final class VhostUserBackend {
             throw VhostUserError("SET_FEATURES acknowledges features that were not offered: 0x\(String(notOffered, radix: 16))")
         }
         guard features != acknowledgedFeatures else { return }
+        logAll = features & vhostLogAllBit != 0
+        updateLogging()
         let first = acknowledgedFeatures == nil
         let deviceChanges = acknowledgedFeatures.map { Self.deviceFeatures($0) != Self.deviceFeatures(features) } ?? true
         acknowledgedFeatures = features
@@ -211,6 +239,16 @@ public final class VhostUserBackend {
         let failure = keep(device.restartQueues())
         try refreshRings()
         if let failure { throw VhostUserError("NET_SET_MTU \(mtu): \(failure)") }
+    }
+
+    /// Dirty logging runs while the frontend asks for it (VHOST_F_LOG_ALL) and has shared a log;
+    /// switching it needs no ring to stop.
+    private func updateLogging() {
+        if logAll, let dirtyLog {
+            device.startDirtyLogging(into: dirtyLog)
+        } else {
+            device.stopDirtyLogging()
+        }
     }
 
     // MARK: Memory
@@ -365,7 +403,7 @@ public final class VhostUserBackend {
                 do {
                     try device.startQueues([QueueConfiguration(
                         index: index, size: size, rings: addresses, nextAvailableIndex: ring.nextAvailableIndex,
-                        kick: ring.kick, call: ring.call, error: ring.error)])
+                        kick: ring.kick, call: ring.call, error: ring.error, usedRingLogAddress: ring.usedLog)])
                     running.insert(index)
                 } catch {
                     failure = failure ?? VhostUserError("cannot start ring \(index): \(error)")

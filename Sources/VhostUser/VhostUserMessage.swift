@@ -33,6 +33,10 @@ enum VhostUserMessage {
     case sendRARP(MACAddress)
     case setStatus(UInt8)
     case getStatus
+    /// The dirty log: `size` bytes of the file from `offset` (VHOST_USER_PROTOCOL_F_LOG_SHMFD).
+    case setLogBase(size: UInt64, offset: UInt64, ReceivedFD)
+    /// An eventfd to tell the frontend the log changed (optional; nil: none).
+    case setLogFD(EventFD?)
 
     /// The limits a message is checked against.
     struct Limits {
@@ -210,8 +214,21 @@ enum VhostUserMessage {
             try expectFDs(0)
             return .getStatus
 
-        case .setLogBase, .setLogFD:
-            throw VhostUserError("\(request): dirty-page logging (live migration) is not offered")
+        case .setLogBase:
+            try expectFDs(1)
+            try expectSize(16)
+            let size = u64(), offset = u64()
+            return .setLogBase(size: size, offset: offset, fds[0])
+
+        case .setLogFD:
+            guard payload.count == 0 || payload.count == 8 else {
+                throw VhostUserError("SET_LOG_FD payload is \(payload.count) bytes, expected 0 or 8")
+            }
+            guard fds.count <= 1 else { throw VhostUserError("SET_LOG_FD carries \(fds.count) descriptors") }
+            guard let owned = fds.first?.take() else { return .setLogFD(nil) }
+            do { return .setLogFD(try EventFD(adoptingUntrusted: owned)) } catch {
+                throw VhostUserError("SET_LOG_FD: \(error)")
+            }
 
         case .setBackendReqFD, .iotlbMessage, .setVringEndian, .vringKick:
             throw VhostUserError("\(request) is not supported (its protocol feature was not offered)")

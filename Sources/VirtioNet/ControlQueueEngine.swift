@@ -12,15 +12,18 @@ final class ControlQueueEngine: @unchecked Sendable {
     private var iovecs = IOVecArray(capacity: 256)
     private let logger: Logger
     private var faultsLogged = 0
+    /// Dirty logging (live migration): the ack byte and the used ring.
+    private let logging: DirtyLogging
     /// Commands carry at most two MAC tables; anything this long is hostile.
     static let maximumCommandLength = 64 * 1024
 
     /// Executes one command (class, command, data) and returns the ack byte.
     let execute: @Sendable ([UInt8]) -> ControlAck
 
-    init(index: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters, logger: Logger,
+    init(index: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters, logger: Logger, logging: DirtyLogging = DirtyLogging(),
          execute: @escaping @Sendable ([UInt8]) -> ControlAck) {
         self.execute = execute
+        self.logging = logging
         self.index = index
         self.ring = ring
         self.call = call
@@ -66,12 +69,17 @@ final class ControlQueueEngine: @unchecked Sendable {
             _ = command.withUnsafeMutableBytes { IOVec.copyOut(UnsafeBufferPointer(iovecs.buffer(chain.readable)), from: 0, into: $0) }
             var ack = execute(command).rawValue
             _ = withUnsafeBytes(of: &ack) { IOVec.copyIn($0, to: UnsafeBufferPointer(iovecs.buffer(chain.writable)), at: 0) }
+            if logging.isEnabled, let base = iovecs.buffer(chain.writable).first?.iov_base,
+               let address = ring.memory.guestAddress(host: base) {
+                logging.mark(address, length: 1)
+            }
             ring.addUsed(head: chain.head, length: 1)
             counters.addFrames(1, bytes: command.count)
             unpublished += 1
         }
         if unpublished > 0 {
             ring.publishUsed()
+            logUsedRing()
             if ring.needsInterrupt() {
                 counters.countInterrupt()
                 try? call?.signal()
@@ -80,8 +88,18 @@ final class ControlQueueEngine: @unchecked Sendable {
         return result
     }
 
-    func enableNotifications() throws(VirtqueueError) -> Bool { try ring.enableNotifications() }
-    func disableNotifications() { ring.disableNotifications() }
+    private func logUsedRing() {
+        if let address = ring.usedLogAddress { logging.mark(address, length: ring.usedRingBytes) }
+    }
+
+    func enableNotifications() throws(VirtqueueError) -> Bool {
+        defer { logUsedRing() }
+        return try ring.enableNotifications()
+    }
+    func disableNotifications() {
+        ring.disableNotifications()
+        logUsedRing()
+    }
 
     private func refuse(head: UInt16, _ why: String) {
         ring.addUsed(head: head, length: 0)

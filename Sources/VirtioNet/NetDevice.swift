@@ -18,10 +18,14 @@ public struct QueueConfiguration: Sendable {
     public var call: EventFD?
     /// Written by the device when the guest breaks this ring (vhost-user SET_VRING_ERR).
     public var error: EventFD?
+    /// Where the used ring is in guest-physical memory, for dirty logging of the device's writes to it:
+    /// vhost-user's log address. With guest-physical ring addresses the used ring's is taken.
+    public var usedRingLogAddress: UInt64?
 
     public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16 = 0, kick: EventFD? = nil,
-                call: EventFD? = nil, error: EventFD? = nil) {
+                call: EventFD? = nil, error: EventFD? = nil, usedRingLogAddress: UInt64? = nil) {
         self.error = error
+        self.usedRingLogAddress = usedRingLogAddress
         self.index = index
         self.size = size
         self.rings = rings
@@ -105,6 +109,7 @@ public final class NetDevice: Sendable {
     public let controlCounters = QueueCounters()
     let logger: Logger
     let filterCell: FilterCell
+    let dirtyLogging = DirtyLogging()
 
     private struct State {
         var negotiated: VirtioNetFeatures?
@@ -380,21 +385,24 @@ public final class NetDevice: Sendable {
                 throw .queueSetup(index: queue.index, error)
             }
         }
-        for (queue, ring) in built {
+        for (queue, var ring) in built {
+            if let address = queue.usedRingLogAddress { ring.usedLogAddress = address }
             if queue.index == active.controlIndex {
                 active.control = ControlQueueEngine(
                     index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: logger,
-                    execute: { [weak self] command in self?.executeControl(command) ?? .error })
+                    logging: dirtyLogging, execute: { [weak self] command in self?.executeControl(command) ?? .error })
             } else if queue.index % 2 == 0 {
                 let pair = queue.index / 2
                 active.receive[pair] = ReceiveQueue(
                     index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].receive, features: features, mtu: mtu, filter: filterCell, logger: logger)
+                    counters: queuePairCounters[pair].receive, features: features, mtu: mtu, filter: filterCell, logger: logger,
+                    logging: dirtyLogging)
             } else {
                 let pair = queue.index / 2
                 active.transmit[pair] = TransmitQueue(
                     index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].transmit, features: features, mtu: mtu, logger: logger)
+                    counters: queuePairCounters[pair].transmit, features: features, mtu: mtu, logger: logger,
+                    logging: dirtyLogging)
             }
             active.configurations[queue.index] = queue
         }
@@ -508,6 +516,27 @@ public final class NetDevice: Sendable {
         do { try backend.setActiveQueuePairs(count) } catch { throw .backend(error.description) }
         state.withLock { $0.control.activeQueuePairs = count }
     }
+
+    // MARK: Dirty logging (live migration)
+
+    /// Logs every guest page the device writes from now on into `log` (or moves to it, if logging):
+    /// frames and headers written into receive buffers, control acks, and used rings (at their
+    /// `usedRingLogAddress`). A VMM migrating the guest starts this before copying memory, reads the
+    /// log (`DirtyLog.collect()`) between passes and stops it once the device is stopped.
+    public func startDirtyLogging(into log: DirtyLog) {
+        dirtyLogging.start(log)
+        logger.info("dirty logging started", metadata: ["log_bytes": "\(log.size)"])
+    }
+
+    /// Stops dirty logging; no mark is made after this returns.
+    public func stopDirtyLogging() {
+        guard dirtyLogging.isEnabled else { return }
+        dirtyLogging.stop()
+        logger.info("dirty logging stopped")
+    }
+
+    /// Whether the device logs the pages it writes.
+    public var isLoggingDirtyPages: Bool { dirtyLogging.isEnabled }
 
     /// The receive filter as the control queue last set it.
     public var receiveFilter: ReceiveFilter { filterCell.current.filter }

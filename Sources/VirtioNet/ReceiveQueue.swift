@@ -55,6 +55,8 @@ final class ReceiveQueue: @unchecked Sendable {
     @exclusivity(unchecked) private var mac: MACAddress
     private let logger: Logger
     @exclusivity(unchecked) private var faultsLogged = 0
+    /// Dirty logging (live migration): the frames written into guest buffers and the used ring.
+    private let logging: DirtyLogging
 
     /// Popped chains not yet used, oldest first. Their iovecs are contiguous in `iovecs` from `window`.
     private struct CachedChain {
@@ -81,7 +83,8 @@ final class ReceiveQueue: @unchecked Sendable {
     @exclusivity(unchecked) private var bouncedLength = 0
 
     init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
-         features: VirtioNetFeatures, mtu: Int, filter: FilterCell, logger: Logger) {
+         features: VirtioNetFeatures, mtu: Int, filter: FilterCell, logger: Logger, logging: DirtyLogging = DirtyLogging()) {
+        self.logging = logging
         self.index = index
         self.backendQueue = backendQueue
         self.ring = ring
@@ -324,6 +327,7 @@ final class ReceiveQueue: @unchecked Sendable {
                 _ = IOVec.copyIn(bytes, to: UnsafeBufferPointer(iovecs.buffer(firstChainIOVecs)), at: 10)
             }
         }
+        if logging.isEnabled { logWrite(length) }
         window = cache[(cacheFirst + used - 1) % cacheCapacity].iovecEnd
         cacheFirst = (cacheFirst + used) % cacheCapacity
         cacheCount -= used
@@ -357,8 +361,29 @@ final class ReceiveQueue: @unchecked Sendable {
         return filter.accepts(destination: address, mac: mac)
     }
 
+    /// Marks the pages of the first `length` bytes of the window's buffers (what the backend or the
+    /// bounce copy wrote, num_buffers included) in the dirty log.
+    private func logWrite(_ length: Int) {
+        let memory = ring.memory
+        logging.withLog { log in
+            var remaining = length
+            for vector in iovecs.buffer(window..<iovecs.count) where remaining > 0 {
+                let written = min(vector.iov_len, remaining)
+                if let base = vector.iov_base, let address = memory.guestAddress(host: base) {
+                    log.mark(address, length: UInt64(written))
+                }
+                remaining -= written
+            }
+        }
+    }
+
+    private func logUsedRing() {
+        if let address = ring.usedLogAddress { logging.mark(address, length: ring.usedRingBytes) }
+    }
+
     private func publish() {
         ring.publishUsed()
+        logUsedRing()
         if ring.needsInterrupt() {
             counters.countInterrupt()
             try? call?.signal()
@@ -374,6 +399,12 @@ final class ReceiveQueue: @unchecked Sendable {
         ])
     }
 
-    func enableNotifications() throws(VirtqueueError) -> Bool { try ring.enableNotifications() }
-    func disableNotifications() { ring.disableNotifications() }
+    func enableNotifications() throws(VirtqueueError) -> Bool {
+        defer { logUsedRing() }
+        return try ring.enableNotifications()
+    }
+    func disableNotifications() {
+        ring.disableNotifications()
+        logUsedRing()
+    }
 }

@@ -52,9 +52,12 @@ final class TransmitQueue: @unchecked Sendable {
     private let header = UnsafeMutableRawBufferPointer.allocate(byteCount: VirtioNetHeader.size, alignment: 8)
     private let logger: Logger
     @exclusivity(unchecked) private var faultsLogged = 0
+    /// Dirty logging (live migration): transmit writes only the used ring.
+    private let logging: DirtyLogging
 
     init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
-         features: VirtioNetFeatures, mtu: Int, logger: Logger) {
+         features: VirtioNetFeatures, mtu: Int, logger: Logger, logging: DirtyLogging = DirtyLogging()) {
+        self.logging = logging
         self.index = index
         self.backendQueue = backendQueue
         self.ring = ring
@@ -193,8 +196,13 @@ final class TransmitQueue: @unchecked Sendable {
         return result
     }
 
+    private func logUsedRing() {
+        if let address = ring.usedLogAddress { logging.mark(address, length: ring.usedRingBytes) }
+    }
+
     private func publish() {
         ring.publishUsed()
+        logUsedRing()
         if ring.needsInterrupt() {
             counters.countInterrupt()
             try? call?.signal()
@@ -216,6 +224,12 @@ final class TransmitQueue: @unchecked Sendable {
         ])
     }
 
-    func enableNotifications() throws(VirtqueueError) -> Bool { try ring.enableNotifications() }
-    func disableNotifications() { ring.disableNotifications() }
+    func enableNotifications() throws(VirtqueueError) -> Bool {
+        defer { logUsedRing() }
+        return try ring.enableNotifications()
+    }
+    func disableNotifications() {
+        ring.disableNotifications()
+        logUsedRing()
+    }
 }

@@ -27,7 +27,8 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
         /// Requests the backend always answers (not only with REPLY_ACK).
         public var hasReply: Bool {
             switch self {
-            case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus: true
+            // SET_LOG_BASE is answered when the log is shared memory (LOG_SHMFD).
+            case .getFeatures, .getProtocolFeatures, .getVringBase, .getQueueNum, .getConfig, .getMaxMemSlots, .getStatus, .setLogBase: true
             default: false
             }
         }
@@ -339,7 +340,7 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
 
     /// The protocol features `negotiate` asks for by default (those QEMU's vhost-user-net uses).
     public static let defaultProtocolFeatures: UInt64 = ProtocolFeature.mq | ProtocolFeature.replyAck | ProtocolFeature.netMTU
-        | ProtocolFeature.configureMemSlots | ProtocolFeature.status | ProtocolFeature.rarp
+        | ProtocolFeature.configureMemSlots | ProtocolFeature.status | ProtocolFeature.rarp | ProtocolFeature.logShmfd
 
     /// Brings the device up in QEMU's order: GET_FEATURES, SET_FEATURES (offered ∩ `wanted`, plus bit
     /// 30 when `protocolFeatures` is not nil and offered), GET/SET_PROTOCOL_FEATURES (supported ∩
@@ -351,7 +352,8 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
                           protocolFeatures wantedProtocol: UInt64? = SimulatedVhostUserFrontend.defaultProtocolFeatures,
                           rings: [Int]? = nil, enable: Bool = true) throws -> SimulatedVhostUserGuest {
         let offered = try getFeatures()
-        var features = offered & wanted & ~Self.protocolFeaturesBit
+        // VHOST_F_LOG_ALL (bit 26) is set only while migrating, as QEMU does.
+        var features = offered & wanted & ~Self.protocolFeaturesBit & ~(1 << 26)
         let useProtocol = wantedProtocol != nil && offered & Self.protocolFeaturesBit != 0
         if useProtocol { features |= Self.protocolFeaturesBit }
         try setFeatures(features)

@@ -50,6 +50,12 @@ public struct SplitQueue: @unchecked Sendable {
     @usableFromInline let used: UnsafeMutableRawPointer
     @usableFromInline let mask: UInt16
 
+    /// Where the used ring is in guest-physical memory, for dirty logging of the device's writes to it
+    /// (vhost-user's log address, VHOST_VRING_F_LOG); nil: not logged.
+    public var usedLogAddress: UInt64?
+    /// Bytes of the used ring: flags, idx, the elements and avail_event.
+    public var usedRingBytes: UInt64 { UInt64(6 + 8 * sizeForCount) }
+
     /// The next available-ring index the device will consume.
     public var nextAvailableIndex: UInt16
     /// The used index the device will publish next (its shadow of used.idx).
@@ -90,6 +96,7 @@ public struct SplitQueue: @unchecked Sendable {
         self.features = features
         self.maximumChainLength = maximumChainLength
         self.nextAvailableIndex = nextAvailableIndex
+        if case let .guestPhysical(_, _, usedRing) = rings { usedLogAddress = usedRing.rawValue }
         // Resuming a queue (vhost-user SET_VRING_BASE, restore): used.idx in the ring is the truth.
         let publishedUsed = cvs_load_acquire_u16(used + 2)
         self.usedIndex = UInt16(littleEndian: publishedUsed)

@@ -87,7 +87,7 @@ struct VhostUserNegotiationTests {
         #expect(guest.receive(count: 3) == frames)
     }
 
-    @Test("GET_FEATURES offers VERSION_1 and bit 30, and none of the control-queue features the frontend owns")
+    @Test("GET_FEATURES offers VERSION_1, bit 30 (protocol features), LOG_ALL and GUEST_ANNOUNCE, and none of the control-queue features the frontend owns")
     func offeredFeatures() throws {
         let served = try ServedDevice(queuePairs: 2)
         defer { served.stop() }
@@ -95,14 +95,15 @@ struct VhostUserNegotiationTests {
         let features = try frontend.getFeatures()
         #expect(features & (1 << 32) != 0, "VIRTIO_F_VERSION_1")
         #expect(features & Frontend.protocolFeaturesBit != 0, "VHOST_USER_F_PROTOCOL_FEATURES")
-        for (bit, name) in [(17, "CTRL_VQ"), (18, "CTRL_RX"), (19, "CTRL_VLAN"), (23, "CTRL_MAC_ADDR"), (2, "CTRL_GUEST_OFFLOADS"), (21, "GUEST_ANNOUNCE")] {
+        for (bit, name) in [(17, "CTRL_VQ"), (18, "CTRL_RX"), (19, "CTRL_VLAN"), (23, "CTRL_MAC_ADDR"), (2, "CTRL_GUEST_OFFLOADS")] {
             #expect(features & (UInt64(1) << UInt64(bit)) == 0, "\(name) belongs to the frontend")
         }
-        for (bit, name) in [(5, "MAC"), (3, "MTU"), (16, "STATUS"), (15, "MRG_RXBUF")] {
+        for (bit, name) in [(5, "MAC"), (3, "MTU"), (16, "STATUS"), (15, "MRG_RXBUF"), (26, "VHOST_F_LOG_ALL"), (21, "GUEST_ANNOUNCE (the frontend's, offered so it can offer it)")] {
             #expect(features & (UInt64(1) << UInt64(bit)) != 0, "\(name) offered")
         }
-        // Everything offered but bit 30 is a virtio feature of the device.
-        #expect(features & ~Frontend.protocolFeaturesBit == served.device.offeredFeatures.subtracting([.ctrlVQ, .ctrlRx, .ctrlMACAddress, .ctrlGuestOffloads]).rawValue)
+        // Everything offered but bits 30, 26 and 21 is a virtio feature of the device.
+        #expect(features & ~(Frontend.protocolFeaturesBit | 1 << 26 | 1 << 21)
+                    == served.device.offeredFeatures.subtracting([.ctrlVQ, .ctrlRx, .ctrlMACAddress, .ctrlGuestOffloads]).rawValue)
     }
 
     @Test("A frontend that acknowledges everything GET_FEATURES offered is accepted (MQ device)")
@@ -126,11 +127,11 @@ struct VhostUserNegotiationTests {
         let frontend = try served.connect()
         let features = try frontend.getProtocolFeatures()
         typealias P = Frontend.ProtocolFeature
-        for (bit, name) in [(P.mq, "MQ"), (P.replyAck, "REPLY_ACK"), (P.netMTU, "NET_MTU"),
+        for (bit, name) in [(P.mq, "MQ"), (P.logShmfd, "LOG_SHMFD"), (P.replyAck, "REPLY_ACK"), (P.netMTU, "NET_MTU"),
                             (P.configureMemSlots, "CONFIGURE_MEM_SLOTS"), (P.status, "STATUS")] {
             #expect(features & bit != 0, "\(name) offered")
         }
-        for (bit, name) in [(P.config, "CONFIG"), (P.logShmfd, "LOG_SHMFD"), (P.backendReq, "BACKEND_REQ"), (P.inbandNotifications, "INBAND_NOTIFICATIONS")] {
+        for (bit, name) in [(P.config, "CONFIG"), (P.backendReq, "BACKEND_REQ"), (P.inbandNotifications, "INBAND_NOTIFICATIONS")] {
             #expect(features & bit == 0, "\(name) not offered")
         }
     }

@@ -192,14 +192,22 @@ let validationCases: [ValidationCase] = [
         #expect(isErrorAck(c.send(.setOwner, fds: [probe.rawValue])))
         c.expectProbesClosed()
     },
-    ValidationCase("SET_LOG_BASE (dirty logging is declined) with its descriptor", .memory) { c in
-        let probe = try c.probe()
-        #expect(isErrorAck(c.send(.setLogBase, payload: LE.u64(4096) + LE.u64(0), fds: [probe.rawValue])))
+    ValidationCase("SET_LOG_BASE with an 8-byte payload, without its descriptor, past its file's end, or of 0 bytes", .memory) { c in
+        let probe = try c.probe(size: 4096)
+        #expect(isRefusal(c.send(.setLogBase, payload: LE.u64(4096), fds: [probe.rawValue])), "8 bytes")
+        #expect(isRefusal(c.send(.setLogBase, payload: LE.u64(4096) + LE.u64(0))), "no descriptor")
+        #expect(isRefusal(c.send(.setLogBase, payload: LE.u64(8192) + LE.u64(0), fds: [probe.rawValue])), "past the end")
+        #expect(isRefusal(c.send(.setLogBase, payload: LE.u64(4096) + LE.u64(1), fds: [probe.rawValue])), "past the end by its offset")
+        #expect(isRefusal(c.send(.setLogBase, payload: LE.u64(0) + LE.u64(0), fds: [probe.rawValue])), "empty")
+        c.frontend.close()
         c.expectProbesClosed()
     },
-    ValidationCase("SET_LOG_FD", .memory) { c in
-        let log = try EventFD()
-        #expect(isErrorAck(c.send(.setLogFD, fds: [log.rawValue])))
+    ValidationCase("SET_LOG_FD with a descriptor that is not an eventfd, or with two", .memory) { c in
+        let probe = try c.probe()
+        #expect(isErrorAck(c.send(.setLogFD, fds: [probe.rawValue])))
+        let first = try EventFD(), second = try EventFD()
+        #expect(isErrorAck(c.send(.setLogFD, fds: [first.rawValue, second.rawValue])))
+        c.expectProbesClosed()
     },
     ValidationCase("SET_BACKEND_REQ_FD (not offered) with a descriptor", .acked) { c in
         let probe = try c.probe()
@@ -334,9 +342,9 @@ let validationCases: [ValidationCase] = [
         guard case let .frontendVirtual(table, available, used) = c.guest!.transmitQueue(0).frontendRings else { return }
         #expect(isErrorAck(c.send(.setVringAddr, payload: Frontend.vringAddress(1, descriptorTable: table + 8, usedRing: used, availableRing: available))))
     },
-    ValidationCase("SET_VRING_ADDR asking for dirty logging", .running) { c in
+    ValidationCase("SET_VRING_ADDR with unknown flags", .running) { c in
         guard case let .frontendVirtual(table, available, used) = c.guest!.transmitQueue(0).frontendRings else { return }
-        #expect(isErrorAck(c.send(.setVringAddr, payload: Frontend.vringAddress(1, flags: 1, descriptorTable: table, usedRing: used, availableRing: available, log: 0x1000))))
+        #expect(isErrorAck(c.send(.setVringAddr, payload: Frontend.vringAddress(1, flags: 2, descriptorTable: table, usedRing: used, availableRing: available))))
     },
     ValidationCase("a ring with addresses outside memory cannot start", .configured) { c in
         #expect(isSuccessAck(c.send(.setVringAddr, payload: Frontend.vringAddress(1, descriptorTable: 0x10, usedRing: 0x2000, availableRing: 0x1000))),
@@ -384,14 +392,14 @@ let validationCases: [ValidationCase] = [
     ValidationCase("SET_FEATURES with bit 63", .acked) { c in
         #expect(isErrorAck(c.send(.setFeatures, payload: LE.u64(1 << 32 | 1 << 63))))
     },
-    ValidationCase("SET_PROTOCOL_FEATURES with LOG_SHMFD, BACKEND_REQ or INBAND_NOTIFICATIONS", .acked) { c in
+    ValidationCase("SET_PROTOCOL_FEATURES with BACKEND_REQ or INBAND_NOTIFICATIONS", .acked) { c in
         typealias P = Frontend.ProtocolFeature
-        for bits in [P.logShmfd, P.backendReq, P.inbandNotifications, 1 << 63] {
+        for bits in [P.backendReq, P.inbandNotifications, 1 << 63] {
             #expect(isErrorAck(c.send(.setProtocolFeatures, payload: LE.u64(P.replyAck | bits))), "0x\(String(bits, radix: 16))")
         }
     },
     ValidationCase("SET_PROTOCOL_FEATURES with unsupported bits without REPLY_ACK", .fresh) { c in
-        #expect(c.frontend.exchange(Frontend.Request.setProtocolFeatures.rawValue, payload: LE.u64(Frontend.ProtocolFeature.logShmfd)) == .closed)
+        #expect(c.frontend.exchange(Frontend.Request.setProtocolFeatures.rawValue, payload: LE.u64(Frontend.ProtocolFeature.backendReq)) == .closed)
     },
 
     ValidationCase("SET_STATUS beyond a byte", .acked) { c in

@@ -35,6 +35,14 @@ static inline void cvs_fence_acquire(void) {
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
 }
 
+// Dirty-page logs are shared with the VMM, which reads and clears them while the device sets bits.
+static inline void cvs_atomic_or_u8(void *p, uint8_t bits) {
+    __atomic_fetch_or((uint8_t *)p, bits, __ATOMIC_RELAXED);
+}
+static inline uint8_t cvs_atomic_exchange_u8(void *p, uint8_t value) {
+    return __atomic_exchange_n((uint8_t *)p, value, __ATOMIC_RELAXED);
+}
+
 // TAP ioctls live in their own header; included here because the umbrella header defines the module.
 #include "CVirtioShimTap.h"
 #include "CVirtioShimSocket.h"
