@@ -105,13 +105,12 @@ public final class DirtyLog: @unchecked Sendable {
 /// per check; on, each mark takes a lock, so that a log swapped for a new one (a VMM that resizes it)
 /// is never marked after the swap returns.
 public final class DirtyLogging: Sendable {
-    private let enabled = Atomic<Bool>(false)
+    @usableFromInline let enabled = Atomic<Bool>(false)
     private let log = Mutex<DirtyLog?>(nil)
 
     public init() {}
 
-    @inlinable public var isEnabled: Bool { isOn }
-    @usableFromInline var isOn: Bool { enabled.load(ordering: .relaxed) }
+    @inlinable public var isEnabled: Bool { enabled.load(ordering: .relaxed) }
 
     /// Starts logging into `log` (or moves to it, if logging already).
     public func start(_ log: DirtyLog) {
@@ -128,7 +127,7 @@ public final class DirtyLogging: Sendable {
     /// Runs `body` with the log, if logging is on (several marks under one lock).
     @inlinable
     public func withLog(_ body: (DirtyLog) -> Void) {
-        guard isOn else { return }
+        guard isEnabled else { return }
         withLockedLog(body)
     }
 

@@ -363,6 +363,7 @@ final class ReceiveQueue: @unchecked Sendable {
 
     /// Marks the pages of the first `length` bytes of the window's buffers (what the backend or the
     /// bounce copy wrote, num_buffers included) in the dirty log.
+    @inline(never)  // off the fast path: inlined, it slows complete() even while logging is off
     private func logWrite(_ length: Int) {
         let memory = ring.memory
         logging.withLog { log in

@@ -18,12 +18,14 @@ public final class TransmitBench {
     let queue: SimulatedQueue
     var pending = 0
 
-    public init(size: Int) throws {
+    /// With `logging`, the device logs the pages it writes (live migration) into a log it never reads.
+    public init(size: Int, logging: Bool = false) throws {
         let backend = try SinkBackend()
         device = try NetDevice(configuration: NetConfiguration(mac: mac, mtu: 65535, maximumQueueSize: 1024), backend: backend)
         driver = try SimulatedNetDriver(device: device, queueSize: burst, guest: SimulatedGuestMemory(regionSize: 64 << 20))
         driver.drive = { _ in }
         queue = driver.transmitQueues[0]
+        if logging { device.startDirtyLogging(into: DirtyLog(covering: driver.guest.end)) }
         for _ in 0..<burst { driver.transmit(frame(size)) }
         device.poll()
         queue.recycleUsed()
@@ -48,12 +50,14 @@ public final class ReceiveBench {
     let framesPerPoll: Int
     var pending = 0
 
-    public init(size: Int) throws {
+    /// With `logging`, the device logs the pages it writes (live migration) into a log it never reads.
+    public init(size: Int, logging: Bool = false) throws {
         backend = try SinkBackend(receiveFrame: VirtioNetHeader().bytes + frame(size))
         device = try NetDevice(configuration: NetConfiguration(mac: mac, mtu: 65535, maximumQueueSize: 1024), backend: backend)
         driver = try SimulatedNetDriver(device: device, queueSize: 1024, guest: SimulatedGuestMemory(regionSize: 64 << 20))
         driver.drive = { _ in }
         queue = driver.receiveQueues[0]
+        if logging { device.startDirtyLogging(into: DirtyLog(covering: driver.guest.end)) }
         // Mergeable 4 KiB buffers, like a Linux guest's; 64 KiB frames take 17 each.
         driver.postReceiveBuffers(count: 1024, size: 4096)
         framesPerPoll = min(burst, 1024 / ((size + 12 + 4095) / 4096) / 2)
