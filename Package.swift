@@ -40,7 +40,7 @@ let package = Package(
         .target(
             name: "VirtioNetDaemon",
             dependencies: [
-                "VhostUser", "VirtioNet", "Tap", "Sys", "CVirtioShim",
+                "VhostUser", "VirtioNet", "Virtqueue", "Tap", "Sys", "CVirtioShim",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "Prometheus", package: "swift-prometheus"),

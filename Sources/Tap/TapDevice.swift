@@ -365,7 +365,9 @@ private final class Descriptor: Sendable {
 
 extension TapDevice {
     /// The kernel's dev_valid_name rules, checked up front so a bad name never reaches an ioctl.
-    fileprivate static func validate(name: String) throws(TapError) {
+    /// Checks a TAP name against the kernel's rules (dev_valid_name): 1 to 15 bytes, not "." or "..",
+    /// no NUL, '/', ':' or whitespace. The one place that says so.
+    public static func validate(name: String) throws(TapError) {
         let bytes = Array(name.utf8)
         let maximum = Int(CVS_IFNAMSIZ) - 1
         guard !bytes.isEmpty, bytes.count <= maximum, name != ".", name != ".." else {

@@ -19,6 +19,8 @@ public final class VhostUserBackend {
     let logger: Logger
     /// Memory slots offered with CONFIGURE_MEM_SLOTS: as many as QEMU uses (it caps backends at 509).
     public static let maximumMemorySlots = 509
+    /// Ring messages name a ring in 8 bits (SET_VRING_KICK and its kin): 256 rings, 128 queue pairs.
+    public static let maximumQueuePairs = 128
     /// SET_MEM_TABLE carries at most this many regions.
     public static let memTableRegions = 8
     /// Guest memory one frontend may map unless configured otherwise: 1 TiB. Mappings take address

@@ -134,7 +134,7 @@ enum VhostUserMessage {
             try expectSize(8)
             let index = try ring(u32())
             let size = Int(u32())
-            guard size >= 1, size <= limits.maximumQueueSize, size & (size - 1) == 0 else {
+            guard SplitQueue.isValidSize(size), size <= limits.maximumQueueSize else {
                 throw VhostUserError("SET_VRING_NUM \(size) for ring \(index): not a power of two in 1...\(limits.maximumQueueSize)")
             }
             return .setVringNum(ring: index, size: size)

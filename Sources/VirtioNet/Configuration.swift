@@ -1,3 +1,5 @@
+import Virtqueue
+
 /// What a device is: its identity and its limits. Offered features follow from this and the backend.
 public struct NetConfiguration: Sendable, Equatable {
     public var mac: MACAddress
@@ -16,6 +18,9 @@ public struct NetConfiguration: Sendable, Equatable {
 
     public static let minimumMTU = 68
     public static let maximumMTU = 65535
+    /// Queue pairs a device may have: the most a TAP serves (MAX_TAP_QUEUES), well within virtio's
+    /// 32768. (vhost-user addresses at most 256 rings, so a vhost-user device has at most 128.)
+    public static let maximumQueuePairs = 256
 
     public init(mac: MACAddress, mtu: Int = 1500, queuePairs: Int = 1, maximumQueueSize: Int = 1024,
                 offloads: OffloadSet? = nil, mergeableRxBuffers: Bool = true, eventIndex: Bool = true,
@@ -35,11 +40,11 @@ public struct NetConfiguration: Sendable, Equatable {
         guard (Self.minimumMTU...Self.maximumMTU).contains(mtu) else {
             throw .invalidConfiguration("mtu \(mtu) is outside \(Self.minimumMTU)...\(Self.maximumMTU)")
         }
-        guard (1...0x8000).contains(queuePairs) else {
-            throw .invalidConfiguration("queue pairs \(queuePairs) is outside 1...32768")
+        guard (1...Self.maximumQueuePairs).contains(queuePairs) else {
+            throw .invalidConfiguration("queue pairs \(queuePairs) is outside 1...\(Self.maximumQueuePairs)")
         }
-        guard (1...32768).contains(maximumQueueSize), maximumQueueSize & (maximumQueueSize - 1) == 0 else {
-            throw .invalidConfiguration("queue size \(maximumQueueSize) is not a power of two in 1...32768")
+        guard SplitQueue.isValidSize(maximumQueueSize) else {
+            throw .invalidConfiguration("queue size \(maximumQueueSize) is not a power of two in 1...\(SplitQueue.maximumSize)")
         }
         guard !mac.isMulticast else { throw .invalidConfiguration("mac \(mac) is a multicast address") }
     }

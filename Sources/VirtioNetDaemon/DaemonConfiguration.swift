@@ -1,8 +1,10 @@
 import Foundation
 import Logging
+import Tap
 import TOMLKit
-import VirtioNet
 import VhostUser
+import VirtioNet
+import Virtqueue
 
 /// One `[[device]]` of the configuration file.
 public struct DeviceConfiguration: Equatable, Sendable {
@@ -125,14 +127,15 @@ public struct DaemonConfiguration: Equatable, Sendable {
             let modeName = try string("mode") ?? "server"
             guard let mode = VhostUserService.Mode(rawValue: modeName) else { throw invalid("mode", "\"\(modeName)\" is not \"server\" or \"client\"") }
             guard let tap = try string("tap"), !tap.isEmpty else { throw invalid("tap", "is required (the TAP interface name)") }
-            guard tap.utf8.count <= 15, !tap.contains("/"), !tap.contains(" "), !tap.contains(":") else {
-                throw invalid("tap", "\"\(tap)\" is not a valid interface name (1 to 15 bytes, no '/', ':' or spaces)")
+            do { try TapDevice.validate(name: tap) } catch {
+                throw invalid("tap", "\"\(tap)\" is not a valid interface name (1 to 15 bytes, not . or .., no '/', ':' or white space)")
             }
             let queuePairs = try integer("queue_pairs") ?? 1
-            guard (1...256).contains(queuePairs) else { throw invalid("queue_pairs", "\(queuePairs) is outside 1...256") }
+            let pairLimit = min(NetConfiguration.maximumQueuePairs, VhostUserBackend.maximumQueuePairs)
+            guard (1...pairLimit).contains(queuePairs) else { throw invalid("queue_pairs", "\(queuePairs) is outside 1...\(pairLimit)") }
             let queueSize = try integer("queue_size") ?? 256
-            guard (1...32768).contains(queueSize), queueSize & (queueSize - 1) == 0 else {
-                throw invalid("queue_size", "\(queueSize) is not a power of two in 1...32768")
+            guard SplitQueue.isValidSize(queueSize) else {
+                throw invalid("queue_size", "\(queueSize) is not a power of two in 1...\(SplitQueue.maximumSize)")
             }
             let mac: MACAddress
             if let text = try string("mac") {

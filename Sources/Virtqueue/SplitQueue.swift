@@ -35,6 +35,12 @@ public struct DescriptorChain: Sendable, Equatable {
 /// copy is used. Ring pointers are resolved once at construction, bounds-checked against the regions.
 public struct SplitQueue: @unchecked Sendable {
     public static let maximumSize = 32768
+
+    /// Whether `size` is a ring size virtio allows: a power of two in 1...32768. The one place that
+    /// says so; configurations, vhost-user messages and queue setup all ask here.
+    public static func isValidSize(_ size: Int) -> Bool {
+        size > 0 && size <= maximumSize && size & (size - 1) == 0
+    }
     /// A hard ceiling on one chain's bytes whatever the configuration: no frame comes near it.
     public static let defaultMaximumChainLength: UInt32 = 1 << 20
     /// The most memory segments one chain may have: what one readv or writev takes (UIO_MAXIOV).
@@ -68,7 +74,7 @@ public struct SplitQueue: @unchecked Sendable {
         memory: GuestMemory, size: Int, rings: RingAddresses, features: RingFeatures,
         nextAvailableIndex: UInt16 = 0, maximumChainLength: UInt32 = SplitQueue.defaultMaximumChainLength
     ) throws(QueueSetupError) {
-        guard size > 0, size <= Self.maximumSize, size & (size - 1) == 0 else { throw .invalidSize(size) }
+        guard Self.isValidSize(size) else { throw .invalidSize(size) }
         let descriptorBytes = UInt64(16 * size)
         let availableBytes = UInt64(6 + 2 * size)
         let usedBytes = UInt64(6 + 8 * size)

@@ -146,7 +146,10 @@ struct ConfigurationTests {
         expectError(configuration(replacing: 20, with: "mtu = 67"), line: 20, key: "device[1].mtu")
         expectError(configuration(replacing: 12, with: "mtu = -1"), line: 12, key: "device[0].mtu")
         expectError(configuration(replacing: 9, with: "queue_pairs = 0"), line: 9, key: "device[0].queue_pairs", containing: "0")
-        expectError(configuration(replacing: 9, with: "queue_pairs = 257"), line: 9, key: "device[0].queue_pairs")
+        expectError(configuration(replacing: 9, with: "queue_pairs = 129"), line: 9, key: "device[0].queue_pairs", containing: "1...128")
+        #expect(throws: Never.self) { try DaemonConfiguration.parse(configuration(replacing: 9, with: "queue_pairs = 128"), file: "t.toml") }
+        expectError(configuration(replacing: 8, with: "tap = \"..\""), line: 8, key: "device[0].tap")
+        expectError(configuration(replacing: 8, with: "tap = \"tap\\tx\""), line: 8, key: "device[0].tap")
         expectError(configuration(replacing: 10, with: "queue_size = 100"), line: 10, key: "device[0].queue_size", containing: "power of two")
         expectError(configuration(replacing: 10, with: "queue_size = 0"), line: 10, key: "device[0].queue_size")
         expectError(configuration(replacing: 10, with: "queue_size = 65536"), line: 10, key: "device[0].queue_size")

@@ -17,7 +17,7 @@ struct DescriptorAccountingTests {
         #expect(one.ringEventFDs == 6 && one.tap == 2 && one.ioUrings == 1 && one.workers == 2 && one.service == 4 && one.message == 8)
         #expect(one.total == 23)
         #expect(DescriptorNeed(device: try device(16)).total == 173)
-        #expect(DescriptorNeed(device: try device(256)).total == 10 * 256 + 13)
+        #expect(DescriptorNeed(device: try device(128)).total == 10 * 128 + 13)
         let client = DescriptorNeed(device: try device(1, mode: "client"))
         #expect(client.service == 2 && client.total == 21, "no listener and no refused connection in client mode")
     }
