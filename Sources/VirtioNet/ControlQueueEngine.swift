@@ -4,8 +4,8 @@ import Sys
 import Virtqueue
 
 /// Serves the control virtqueue: each chain is class, command, data (readable) and an ack byte (writable).
-final class ControlQueueEngine: @unchecked Sendable {
-    private(set) var ring: SplitQueue
+final class ControlQueueEngine<Ring: DeviceQueue>: ControlEngine, @unchecked Sendable {
+    private(set) var ring: Ring
     let index: Int
     let call: EventFD?
     let counters: QueueCounters
@@ -15,12 +15,12 @@ final class ControlQueueEngine: @unchecked Sendable {
     /// Dirty logging (live migration): the ack byte and the used ring.
     private let logging: DirtyLogging
     /// Commands carry at most two MAC tables; anything this long is hostile.
-    static let maximumCommandLength = 64 * 1024
+    static var maximumCommandLength: Int { 64 * 1024 }
 
     /// Executes one command (class, command, data) and returns the ack byte.
     let execute: @Sendable ([UInt8]) -> ControlAck
 
-    init(index: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters, logger: Logger, logging: DirtyLogging = DirtyLogging(),
+    init(index: Int, ring: Ring, call: EventFD?, counters: QueueCounters, logger: Logger, logging: DirtyLogging = DirtyLogging(),
          execute: @escaping @Sendable ([UInt8]) -> ControlAck) {
         self.execute = execute
         self.logging = logging
@@ -31,7 +31,7 @@ final class ControlQueueEngine: @unchecked Sendable {
         self.logger = logger
     }
 
-    var nextAvailableIndex: UInt16 { ring.nextAvailableIndex }
+    var base: UInt32 { ring.base }
 
     /// Answers up to `budget` pending commands (refused ones count too, so a pass always ends).
     func process(budget: Int) -> QueuePassResult {
@@ -89,7 +89,7 @@ final class ControlQueueEngine: @unchecked Sendable {
     }
 
     private func logUsedRing() {
-        if let address = ring.usedLogAddress { logging.mark(address, length: ring.usedRingBytes) }
+        logging.withLog { ring.markDeviceWrites(in: $0) }
     }
 
     func enableNotifications() throws(VirtqueueError) -> Bool {
@@ -101,7 +101,7 @@ final class ControlQueueEngine: @unchecked Sendable {
         logUsedRing()
     }
 
-    private func refuse(head: UInt16, _ why: String) {
+    private func refuse(head: ChainHead, _ why: String) {
         ring.addUsed(head: head, length: 0)
         counters.countDrop(.badChain)
         // The guest controls how often this happens: a few warnings, then debug only.

@@ -10,8 +10,15 @@ public struct QueueConfiguration: Sendable {
     public var index: Int
     public var size: Int
     public var rings: RingAddresses
-    /// Where to resume (0 for a fresh queue; GET_VRING_BASE's answer when restoring).
-    public var nextAvailableIndex: UInt16
+    /// Where to resume, as vhost-user's vring base (0 for a fresh queue; GET_VRING_BASE's answer when
+    /// restoring): a split ring's next available index; a packed ring's next available index with its
+    /// wrap counter in bit 15 and its next used index with its wrap counter in bit 31.
+    public var base: UInt32
+    /// The split ring's next available index: the low 16 bits of `base`.
+    public var nextAvailableIndex: UInt16 {
+        get { UInt16(truncatingIfNeeded: base) }
+        set { base = UInt32(newValue) }
+    }
     /// Written by the driver when it adds buffers.
     public var kick: EventFD?
     /// Written by the device to interrupt the driver.
@@ -22,14 +29,14 @@ public struct QueueConfiguration: Sendable {
     /// vhost-user's log address. With guest-physical ring addresses the used ring's is taken.
     public var usedRingLogAddress: UInt64?
 
-    public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16 = 0, kick: EventFD? = nil,
+    public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16 = 0, base: UInt32? = nil, kick: EventFD? = nil,
                 call: EventFD? = nil, error: EventFD? = nil, usedRingLogAddress: UInt64? = nil) {
         self.error = error
         self.usedRingLogAddress = usedRingLogAddress
         self.index = index
         self.size = size
         self.rings = rings
-        self.nextAvailableIndex = nextAvailableIndex
+        self.base = base ?? UInt32(nextAvailableIndex)
         self.kick = kick
         self.call = call
     }
@@ -38,11 +45,18 @@ public struct QueueConfiguration: Sendable {
 /// Where a queue stopped, to resume it later (vhost-user GET_VRING_BASE, save/restore).
 public struct QueueState: Equatable, Sendable {
     public var index: Int
-    public var nextAvailableIndex: UInt16
+    /// vhost-user's vring base (see `QueueConfiguration.base`).
+    public var base: UInt32
+    /// The split ring's next available index: the low 16 bits of `base`.
+    public var nextAvailableIndex: UInt16 { UInt16(truncatingIfNeeded: base) }
+
+    public init(index: Int, base: UInt32) {
+        self.index = index
+        self.base = base
+    }
 
     public init(index: Int, nextAvailableIndex: UInt16) {
-        self.index = index
-        self.nextAvailableIndex = nextAvailableIndex
+        self.init(index: index, base: UInt32(nextAvailableIndex))
     }
 }
 
@@ -58,9 +72,9 @@ final class ActiveQueues: @unchecked Sendable {
     var memory: GuestMemory
     let drive: DriveMode
     let features: VirtioNetFeatures
-    var receive: [ReceiveQueue?]
-    var transmit: [TransmitQueue?]
-    var control: ControlQueueEngine?
+    var receive: [(any ReceiveEngine)?]
+    var transmit: [(any FrameEngine)?]
+    var control: (any ControlEngine)?
     /// What each running queue was started with (its kick, call and error eventfds among it).
     var configurations: [Int: QueueConfiguration] = [:]
     var workers: [Int: QueuePairWorker] = [:]
@@ -334,14 +348,14 @@ public final class NetDevice: Sendable {
             var queues: [QueueConfiguration] = []
             for index in active.configurations.keys.sorted() {
                 guard var queue = active.configurations[index] else { continue }
-                queue.nextAvailableIndex = uninstall(index, from: active).nextAvailableIndex
+                queue.base = uninstall(index, from: active).base
                 queues.append(queue)
             }
             if let memory { active.memory = memory }
             var stopped: [StoppedQueue] = []
             for queue in queues {
                 do throws(NetDeviceError) { try install([queue], in: active) } catch {
-                    stopped.append(StoppedQueue(state: QueueState(index: queue.index, nextAvailableIndex: queue.nextAvailableIndex), error: error))
+                    stopped.append(StoppedQueue(state: QueueState(index: queue.index, base: queue.base), error: error))
                 }
             }
             for pair in Set(queues.map { active.pair(of: $0.index) }).sorted() {
@@ -413,19 +427,19 @@ public final class NetDevice: Sendable {
         defer { active.configurations[index] = nil }
         if index == active.controlIndex, let control = active.control {
             active.control = nil
-            return QueueState(index: index, nextAvailableIndex: control.nextAvailableIndex)
+            return QueueState(index: index, base: control.base)
         }
         let pair = index / 2
         if index % 2 == 0, let receive = active.receive[pair] {
             receive.returnCachedChains()
             active.receive[pair] = nil
-            return QueueState(index: index, nextAvailableIndex: receive.nextAvailableIndex)
+            return QueueState(index: index, base: receive.base)
         }
         if let transmit = active.transmit[pair] {
             active.transmit[pair] = nil
-            return QueueState(index: index, nextAvailableIndex: transmit.nextAvailableIndex)
+            return QueueState(index: index, base: transmit.base)
         }
-        return QueueState(index: index, nextAvailableIndex: active.configurations[index]?.nextAvailableIndex ?? 0)
+        return QueueState(index: index, base: active.configurations[index]?.base ?? 0)
     }
 
     private func stopWorker(pair: Int, of active: ActiveQueues) {

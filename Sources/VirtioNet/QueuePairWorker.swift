@@ -14,9 +14,9 @@ import Virtqueue
 /// the backend full it waits for writability before transmitting again.
 final class QueuePairWorker: @unchecked Sendable {
     let pair: Int
-    private let receive: ReceiveQueue?
-    private let transmit: TransmitQueue?
-    private let control: ControlQueueEngine?
+    private let receive: (any ReceiveEngine)?
+    private let transmit: (any FrameEngine)?
+    private let control: (any ControlEngine)?
     private let receiveKick: EventFD?
     private let transmitKick: EventFD?
     private let controlKick: EventFD?
@@ -37,7 +37,7 @@ final class QueuePairWorker: @unchecked Sendable {
     /// Frames per queue per wake-up before the other direction gets its turn.
     static let budget = 256
 
-    init(pair: Int, receive: ReceiveQueue?, transmit: TransmitQueue?, control: ControlQueueEngine?,
+    init(pair: Int, receive: (any ReceiveEngine)?, transmit: (any FrameEngine)?, control: (any ControlEngine)?,
          receiveKick: EventFD?, transmitKick: EventFD?, controlKick: EventFD?,
          counters: QueuePairCounters, controlCounters: QueueCounters, announcements: Announcements?,
          memory: GuestMemory, backend: any PacketBackend,

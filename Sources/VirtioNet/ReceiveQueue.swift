@@ -34,10 +34,10 @@ final class FilterCell: Sendable {
 /// read takes: a chain that would pass that, or a bad chain behind cached ones, is put back and waits
 /// until the cache drains. So a stopped ring gives back exactly the cached chains, and a frame that
 /// cannot fit in what the cache can ever hold is dropped instead of waited for.
-final class ReceiveQueue: @unchecked Sendable {
+final class ReceiveQueue<Ring: DeviceQueue>: ReceiveEngine, @unchecked Sendable {
     // One worker thread at a time owns an engine, so its state opts out of dynamic exclusivity
     // checks, which cost about a third of the per-frame instructions (measured with callgrind).
-    @exclusivity(unchecked) private(set) var ring: SplitQueue
+    @exclusivity(unchecked) private(set) var ring: Ring
     let index: Int
     let backendQueue: Int
     let call: EventFD?
@@ -60,7 +60,7 @@ final class ReceiveQueue: @unchecked Sendable {
 
     /// Popped chains not yet used, oldest first. Their iovecs are contiguous in `iovecs` from `window`.
     private struct CachedChain {
-        var head: UInt16
+        var head: ChainHead
         var iovecEnd: Int
         var capacity: Int
     }
@@ -76,13 +76,13 @@ final class ReceiveQueue: @unchecked Sendable {
     /// The next chain was put back (it would take the cache past one read's segments, or it is bad):
     /// the cache cannot grow until a frame consumes some of it.
     @exclusivity(unchecked) private var cacheClosed = false
-    private static let segmentLimit = SplitQueue.maximumSegmentsPerChain
+    private static var segmentLimit: Int { SplitQueue.maximumSegmentsPerChain }
 
     private let bounce: UnsafeMutableRawBufferPointer
     private let bounceVector: UnsafeMutablePointer<iovec>
     @exclusivity(unchecked) private var bouncedLength = 0
 
-    init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
+    init(index: Int, backendQueue: Int, ring: Ring, call: EventFD?, counters: QueueCounters,
          features: VirtioNetFeatures, mtu: Int, filter: FilterCell, logger: Logger, logging: DirtyLogging = DirtyLogging()) {
         self.logging = logging
         self.index = index
@@ -100,7 +100,7 @@ final class ReceiveQueue: @unchecked Sendable {
         self.filterCell = filter
         self.mac = filter.current.mac
         self.logger = logger
-        self.cacheCapacity = Int(ring.size)
+        self.cacheCapacity = ring.entries
         self.cache = .allocate(capacity: cacheCapacity)
         self.iovecs = IOVecArray(capacity: 4 * Self.segmentLimit)
         self.bounce = .allocate(byteCount: EngineLimits.largestReceiveFrame, alignment: 16)
@@ -114,8 +114,8 @@ final class ReceiveQueue: @unchecked Sendable {
         bounceVector.deallocate()
     }
 
-    /// The available index a restarted queue should resume from: chains cached but unused go back.
-    var nextAvailableIndex: UInt16 { ring.nextAvailableIndex &- UInt16(truncatingIfNeeded: cacheCount) }
+    /// Where the queue stands (after `returnCachedChains()`, where it resumes).
+    var base: UInt32 { ring.base }
 
     /// Gives cached chains back to the ring (before a stop) so that GET_VRING_BASE reports them unused.
     func returnCachedChains() {
@@ -273,7 +273,7 @@ final class ReceiveQueue: @unchecked Sendable {
     /// A bad chain the refill popped: given back used at once when nothing is cached (counting
     /// against the budget; true), else put back, closing the cache, to wait behind the cached
     /// chains that a stopped ring must be able to give back (false).
-    private func refuse(head: UInt16, _ why: Any, handled: inout Int, unpublished: inout Int) -> Bool {
+    private func refuse(head: ChainHead, _ why: Any, handled: inout Int, unpublished: inout Int) -> Bool {
         if cacheCount > 0 {
             ring.undoPop(1)
             cacheClosed = true
@@ -379,7 +379,7 @@ final class ReceiveQueue: @unchecked Sendable {
     }
 
     private func logUsedRing() {
-        if let address = ring.usedLogAddress { logging.mark(address, length: ring.usedRingBytes) }
+        logging.withLog { ring.markDeviceWrites(in: $0) }
     }
 
     private func publish() {
@@ -391,7 +391,7 @@ final class ReceiveQueue: @unchecked Sendable {
         }
     }
 
-    private func drop(head: UInt16, _ why: Any) {
+    private func drop(head: ChainHead, _ why: Any) {
         ring.addUsed(head: head, length: 0)
         counters.countDrop(.badChain)
         faultsLogged += 1

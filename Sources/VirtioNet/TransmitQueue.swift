@@ -30,10 +30,10 @@ enum EngineLimits {
 }
 
 /// The guest-to-backend side of one queue pair. Owned by one thread at a time (its worker).
-final class TransmitQueue: @unchecked Sendable {
+final class TransmitQueue<Ring: DeviceQueue>: FrameEngine, @unchecked Sendable {
     // One worker thread at a time owns an engine, so its state opts out of dynamic exclusivity
     // checks, which cost about a third of the per-frame instructions (measured with callgrind).
-    @exclusivity(unchecked) private(set) var ring: SplitQueue
+    @exclusivity(unchecked) private(set) var ring: Ring
     let index: Int
     let backendQueue: Int
     let call: EventFD?
@@ -46,7 +46,7 @@ final class TransmitQueue: @unchecked Sendable {
     @exclusivity(unchecked) private var iovecs = IOVecArray(capacity: 4 * EngineLimits.maximumSegmentsPerFrame)
     /// The burst being built: each frame's iovecs (in `iovecs`), its head, and the backend's outcome.
     private let burstFrames = UnsafeMutablePointer<FrameSlice>.allocate(capacity: EngineLimits.burst)
-    private let burstHeads = UnsafeMutablePointer<UInt16>.allocate(capacity: EngineLimits.burst)
+    private let burstHeads = UnsafeMutablePointer<ChainHead>.allocate(capacity: EngineLimits.burst)
     private let burstLengths = UnsafeMutablePointer<Int>.allocate(capacity: EngineLimits.burst)
     private let burstOutcomes = UnsafeMutablePointer<TransmitOutcome>.allocate(capacity: EngineLimits.burst)
     private let header = UnsafeMutableRawBufferPointer.allocate(byteCount: VirtioNetHeader.size, alignment: 8)
@@ -55,7 +55,7 @@ final class TransmitQueue: @unchecked Sendable {
     /// Dirty logging (live migration): transmit writes only the used ring.
     private let logging: DirtyLogging
 
-    init(index: Int, backendQueue: Int, ring: SplitQueue, call: EventFD?, counters: QueueCounters,
+    init(index: Int, backendQueue: Int, ring: Ring, call: EventFD?, counters: QueueCounters,
          features: VirtioNetFeatures, mtu: Int, logger: Logger, logging: DirtyLogging = DirtyLogging()) {
         self.logging = logging
         self.index = index
@@ -78,7 +78,8 @@ final class TransmitQueue: @unchecked Sendable {
         burstOutcomes.deallocate()
     }
 
-    var nextAvailableIndex: UInt16 { ring.nextAvailableIndex }
+    /// Where the queue stands: every chain taken was given back or put back at the end of a pass.
+    var base: UInt32 { ring.base }
 
     /// Moves up to `budget` frames from the ring to the backend, in bursts of valid frames handed to
     /// the backend together (one io_uring submission for a TAP).
@@ -197,7 +198,7 @@ final class TransmitQueue: @unchecked Sendable {
     }
 
     private func logUsedRing() {
-        if let address = ring.usedLogAddress { logging.mark(address, length: ring.usedRingBytes) }
+        logging.withLog { ring.markDeviceWrites(in: $0) }
     }
 
     private func publish() {
@@ -209,7 +210,7 @@ final class TransmitQueue: @unchecked Sendable {
         }
     }
 
-    private func drop(head: UInt16, _ reason: DropReason, _ why: Any) {
+    private func drop(head: ChainHead, _ reason: DropReason, _ why: Any) {
         ring.addUsed(head: head, length: 0)
         counters.countDrop(reason)
         logFault(reason, why)

@@ -18,9 +18,25 @@ public struct RingFeatures: Sendable, Equatable {
     }
 }
 
+/// What identifies a chain to give it back: its head descriptor (split ring) or buffer id (packed
+/// ring), and how many ring slots it took (packed: the used element skips them; split: 1).
+public struct ChainHead: Hashable, Sendable, ExpressibleByIntegerLiteral, CustomStringConvertible {
+    public var id: UInt16
+    public var slots: UInt16
+
+    @inlinable public init(id: UInt16, slots: UInt16 = 1) {
+        self.id = id
+        self.slots = slots
+    }
+
+    public init(integerLiteral value: UInt16) { self.init(id: value) }
+
+    public var description: String { slots == 1 ? "\(id)" : "\(id) (\(slots) slots)" }
+}
+
 /// One descriptor chain, as iovecs in the caller's `IOVecArray`: device-readable ones, then writable ones.
 public struct DescriptorChain: Sendable, Equatable {
-    public var head: UInt16
+    public var head: ChainHead
     public var readable: Range<Int>
     public var writable: Range<Int>
     public var readableLength: UInt32
@@ -33,7 +49,7 @@ public struct DescriptorChain: Sendable, Equatable {
 ///
 /// Every field of the rings is read once from guest memory into a local, validated, and only that
 /// copy is used. Ring pointers are resolved once at construction, bounds-checked against the regions.
-public struct SplitQueue: @unchecked Sendable {
+public struct SplitQueue: DeviceQueue, @unchecked Sendable {
     public static let maximumSize = 32768
 
     /// Whether `size` is a ring size virtio allows: a power of two in 1...32768. The one place that
@@ -111,6 +127,15 @@ public struct SplitQueue: @unchecked Sendable {
 
     @inlinable var sizeForCount: Int { Int(mask) + 1 }
 
+    @inlinable public var entries: Int { sizeForCount }
+
+    /// The next available index (vhost-user's vring base for a split ring).
+    @inlinable public var base: UInt32 { UInt32(nextAvailableIndex) }
+
+    public func markDeviceWrites(in log: DirtyLog) {
+        if let usedLogAddress { log.mark(usedLogAddress, length: usedRingBytes) }
+    }
+
     // MARK: Available ring
 
     /// How many chains the driver has made available that the device has not consumed.
@@ -141,7 +166,7 @@ public struct SplitQueue: @unchecked Sendable {
             return try walkChain(head: head, into: &iovecs)
         } catch {
             iovecs.count = start
-            throw .badChain(head: head, error)
+            throw .badChain(head: ChainHead(id: head), error)
         }
     }
 
@@ -214,7 +239,7 @@ public struct SplitQueue: @unchecked Sendable {
         let split = firstWritable ?? iovecs.count
         // Lengths are bounded by maximumChainLength (a UInt32), so these conversions are exact.
         return DescriptorChain(
-            head: head, readable: start..<split, writable: split..<iovecs.count,
+            head: ChainHead(id: head), readable: start..<split, writable: split..<iovecs.count,
             readableLength: UInt32(readableLength), writableLength: UInt32(writableLength)
         )
     }
@@ -223,9 +248,9 @@ public struct SplitQueue: @unchecked Sendable {
 
     /// Writes a used entry; the driver sees it only after `publishUsed()`.
     @inlinable
-    public mutating func addUsed(head: UInt16, length: UInt32) {
+    public mutating func addUsed(head: ChainHead, length: UInt32) {
         let element = used + 4 + 8 * Int(usedIndex & mask)
-        element.storeBytes(of: UInt32(head).littleEndian, as: UInt32.self)
+        element.storeBytes(of: UInt32(head.id).littleEndian, as: UInt32.self)
         element.storeBytes(of: length.littleEndian, toByteOffset: 4, as: UInt32.self)
         usedIndex &+= 1
     }

@@ -48,19 +48,23 @@ public enum QueueFault: Error, Equatable, Sendable, CustomStringConvertible {
     case headOutOfRange(UInt16)
     /// The frontend took guest memory away: the file behind it shrank while mapped.
     case guestMemoryLost
+    /// A packed ring chain whose end cannot be found: a descriptor inside it is not available, or it
+    /// is longer than the ring.
+    case chainWithoutEnd
 
     public var description: String {
         switch self {
         case let .availableIndexJump(from, to): "available index moved from \(from) to \(to), more than the queue size"
         case let .headOutOfRange(head): "available ring names descriptor \(head), outside the table"
         case .guestMemoryLost: "guest memory shrank under the device (its file was truncated while mapped)"
+        case .chainWithoutEnd: "packed ring chain has no end: a descriptor inside it is not available, or it is longer than the ring"
         }
     }
 }
 
 public enum VirtqueueError: Error, Equatable, Sendable, CustomStringConvertible {
     /// This chain is bad; return it to the guest as used (length 0) and continue.
-    case badChain(head: UInt16, ChainFault)
+    case badChain(head: ChainHead, ChainFault)
     /// The queue is broken; stop using it until the driver resets the device.
     case broken(QueueFault)
 
@@ -77,12 +81,15 @@ public enum QueueSetupError: Error, Equatable, Sendable, CustomStringConvertible
     case invalidSize(Int)
     case misaligned(ring: String, address: UInt64)
     case ringOutsideMemory(ring: String, GuestMemoryError)
+    /// A ring position past the ring (packed: either index; split: more than 16 bits).
+    case invalidBase(UInt32)
 
     public var description: String {
         switch self {
         case let .invalidSize(size): "queue size \(size) is not a power of two in 1...32768"
         case let .misaligned(ring, address): "\(ring) at 0x\(String(address, radix: 16)) is misaligned"
         case let .ringOutsideMemory(ring, error): "\(ring): \(error)"
+        case let .invalidBase(base): "ring position 0x\(String(base, radix: 16)) is outside the ring"
         }
     }
 }

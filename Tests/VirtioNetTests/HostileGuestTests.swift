@@ -27,7 +27,7 @@ private final class HostileRing {
         do throws(VirtqueueError) { return .success(try device.popChain(into: &iovecs)) } catch { return .failure(error) }
     }
 
-    func expectBadChain(_ result: Result<DescriptorChain?, VirtqueueError>, head: UInt16, _ fault: ChainFault,
+    func expectBadChain(_ result: Result<DescriptorChain?, VirtqueueError>, head: ChainHead, _ fault: ChainFault,
                         sourceLocation: SourceLocation = #_sourceLocation) {
         #expect(result == .failure(.badChain(head: head, fault)), sourceLocation: sourceLocation)
     }
