@@ -84,8 +84,39 @@ public final class Daemon: Sendable {
         ])
     }
 
+    /// How long a device waits for a single-queue TAP that another process holds. A virtio-netd that
+    /// was killed holds its TAP a little longer than its life: the kernel tears its io_uring instances
+    /// down (and with them their registered TAP descriptors) asynchronously after the exit, so the
+    /// daemon restarted at once may find the TAP busy for a moment.
+    static let busyTAPWait = Duration.seconds(10)
+
+    private func openTAP(_ configuration: DeviceConfiguration) throws(TapError) -> TapBackend {
+        let start = ContinuousClock.now
+        var warned = false
+        while true {
+            do {
+                let backend = try TapBackend(name: configuration.tap, queuePairs: configuration.queuePairs)
+                if warned {
+                    logger.info("TAP attached after waiting", metadata: [
+                        "device": "\(configuration.name)", "tap": "\(configuration.tap)", "waited": "\(ContinuousClock.now - start)",
+                    ])
+                }
+                return backend
+            } catch {
+                guard case .busy = error, ContinuousClock.now - start < Self.busyTAPWait else { throw error }
+                if !warned {
+                    warned = true
+                    logger.warning("TAP busy: another process holds it (a killed virtio-netd may still be closing it); waiting", metadata: [
+                        "device": "\(configuration.name)", "tap": "\(configuration.tap)", "at_most": "\(Self.busyTAPWait)",
+                    ])
+                }
+                _ = try? waitReady([], timeoutMilliseconds: 50)  // a pause: poll on nothing
+            }
+        }
+    }
+
     private func startDevice(_ configuration: DeviceConfiguration) throws -> RunningDevice {
-        let backend = try TapBackend(name: configuration.tap, queuePairs: configuration.queuePairs)
+        let backend = try openTAP(configuration)
         try backend.tap.setMTU(configuration.mtu)
         try backend.tap.setLinkUp(true)
         var deviceLogger = logger

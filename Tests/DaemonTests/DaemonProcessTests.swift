@@ -712,4 +712,34 @@ struct DaemonProcessTests {
         #expect(daemon.terminate() == 0, "\(daemon.log)")
         #expect(eventually { !ipSucceeds("-n", namespace.name, "link", "show", tap) }, "the TAP it made is deleted at exit")
     }
+
+    @Test("A single-queue TAP that another process still holds (as a killed daemon does for a moment) is waited for, then served",
+          .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
+    func busyTAPIsWaitedFor() throws {
+        _ = try #require(daemonPath)
+        let namespace = try TestNamespace()
+        defer { namespace.delete() }
+        let directory = try TemporaryDirectory("vu-daemon")
+        defer { directory.remove() }
+        let tag = String(getpid() % 100_000)
+        let tap = "vut\(tag)w"
+        let socket = directory.path + "/w.sock"
+        try ip("-n", namespace.name, "tuntap", "add", tap, "mode", "tap", "vnet_hdr")
+        // This process holds the TAP's one queue.
+        let holder = Mutex<TapBackend?>(try namespace.run { try TapBackend(name: tap) })
+        let daemon = try DaemonProcess(namespace: namespace, configuration: "[[device]]\nname = \"w\"\nsocket = \"\(socket)\"\ntap = \"\(tap)\"\n",
+                                       directory: directory.path)
+        defer { daemon.kill9() }
+        #expect(eventually(timeout: 30) { daemon.log.contains("TAP busy") || !daemon.process.isRunning }, "\(daemon.log)")
+        #expect(daemon.process.isRunning && access(socket, F_OK) != 0, "it waits: \(daemon.log)")
+        holder.withLock { $0 = nil }
+        #expect(eventually(timeout: 30) { access(socket, F_OK) == 0 }, "\(daemon.log)")
+        #expect(daemon.log.contains("TAP attached after waiting"), "\(daemon.log)")
+        let frontend = try Frontend.connect(path: socket)
+        let guest = try frontend.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20))
+        let before = try namespace.packetCounters(tap)
+        #expect(guest.transmit(ethernetFrame(length: 60, destination: .broadcast)))
+        #expect(eventually { ((try? namespace.packetCounters(tap).rx) ?? 0) > before.rx })
+        #expect(daemon.terminate() == 0, "\(daemon.log)")
+    }
 }
