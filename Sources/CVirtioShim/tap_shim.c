@@ -6,6 +6,10 @@
 #include <sys/ioctl.h>
 #include <net/if.h>
 #include <linux/if_tun.h>
+#include <linux/netlink.h>
+#include <linux/rtnetlink.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #ifndef TUN_F_USO4
 #define TUN_F_USO4 0x20
@@ -133,3 +137,21 @@ int cvs_if_set_flags(int sock, const char *name, int flags) {
 }
 
 int cvs_setns(int fd, int nstype) { return setns(fd, nstype); }
+
+// A netlink socket (non-blocking, close-on-exec) that receives the kernel's link notifications
+// (RTMGRP_LINK: links added, changed, removed) for the calling thread's network namespace.
+int cvs_link_monitor_open(void) {
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_ROUTE);
+    if (fd < 0) return -1;
+    struct sockaddr_nl address;
+    memset(&address, 0, sizeof(address));
+    address.nl_family = AF_NETLINK;
+    address.nl_groups = RTMGRP_LINK;
+    if (bind(fd, (struct sockaddr *)&address, sizeof(address)) < 0) {
+        int saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
+    }
+    return fd;
+}

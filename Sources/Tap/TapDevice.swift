@@ -166,6 +166,13 @@ public final class TapDevice: Sendable {
                          queues: [Descriptor(queue)], control: control)
     }
 
+    /// Whether the interface is gone (someone deleted it): the device's descriptors are then attached
+    /// to no interface, and TUNGETIFF answers EBADFD. A new TAP of the same name is another device.
+    public var isGone: Bool {
+        var flags: Int32 = 0
+        return cvs_tap_get_iff(queues[0].rawValue, nil, &flags) < 0 && errno == EBADFD
+    }
+
     // MARK: Queues
 
     /// The non-blocking descriptor of `queue` (0..<``queueCount``), for epoll. Owned by the device.

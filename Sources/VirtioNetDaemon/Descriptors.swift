@@ -36,8 +36,8 @@ public struct DescriptorNeed: Equatable, Sendable {
 
 /// The descriptor needs of every device against the process's limit.
 public struct DescriptorBudget: Sendable {
-    /// What the daemon holds besides its devices: standard input, output and error, and a margin
-    /// for the runtime and the configuration file.
+    /// What the daemon holds besides its devices: standard input, output and error, the TAP
+    /// watcher's stop eventfd and netlink socket, and a margin for the runtime and the configuration file.
     public static let baseline = 16
     /// The metrics endpoint: its listener, its stop eventfd and a connection per client it serves.
     public static let metricsEndpoint = 2 + MetricsServer.defaultMaximumClients

@@ -655,4 +655,104 @@ struct DaemonProcessTests {
         #expect(result.status != 0)
         #expect(result.error.contains("no device could start"), "\(result.error)")
     }
+
+    @Test("A TAP deleted under a connected frontend: logged, the frontend dropped, the TAP made again (retried while its name is taken) and the device served on it",
+          .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
+    func tapDeletedAndMadeAgain() throws {
+        _ = try #require(daemonPath)
+        let namespace = try TestNamespace()
+        defer { namespace.delete() }
+        let directory = try TemporaryDirectory("vu-daemon")
+        defer { directory.remove() }
+        let tag = String(getpid() % 100_000)
+        let tap = "vut\(tag)r"
+        let socket = directory.path + "/r.sock"
+        let mac = MACAddress(0x52, 0x54, 0x00, 0x00, 0xaa, 0x07)
+        let text = """
+        [[device]]
+        name = "r"
+        socket = "\(socket)"
+        tap = "\(tap)"
+        mtu = 4000
+        mac = "\(mac)"
+        """
+        let daemon = try DaemonProcess(namespace: namespace, configuration: text, directory: directory.path)
+        defer { daemon.kill9() }
+        #expect(eventually(timeout: 30) { access(socket, F_OK) == 0 || !daemon.process.isRunning })
+        try #require(daemon.process.isRunning, "\(daemon.log)")
+        let frontend = try Frontend.connect(path: socket)
+        _ = try frontend.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20))
+
+        // Deleted, and its name taken by a veth before the daemon can look: the daemon is stopped
+        // meanwhile, so it finds both at once and cannot make the TAP again yet.
+        let pid = daemon.process.processIdentifier
+        kill(pid, SIGSTOP)
+        let deleted = ipSucceeds("-n", namespace.name, "link", "del", tap)
+        let taken = ipSucceeds("-n", namespace.name, "link", "add", tap, "type", "veth", "peer", "name", "vup\(tag)r")
+        kill(pid, SIGCONT)
+        try #require(deleted && taken, "ip link del / add veth")
+        #expect(eventually(timeout: 20) { daemon.log.contains("TAP is gone") }, "\(daemon.log)")
+        #expect(frontend.waitForClose(timeout: 20), "the frontend is dropped")
+        #expect(eventually(timeout: 20) { daemon.log.contains("device cannot start again") }, "\(daemon.log)")
+        let failure = daemon.log.split(separator: "\n").first { $0.contains("device cannot start again") }.map(String.init) ?? ""
+        #expect(failure.contains("not a TAP") && failure.contains("retry_in"), "the log says why and when it tries again: \(failure)")
+        #expect(daemon.process.isRunning)
+
+        // The name is free again: the next attempt makes the TAP, with the configured MTU, up.
+        try ip("-n", namespace.name, "link", "del", tap)
+        #expect(eventually(timeout: 60) { daemon.log.contains("device restarted on a new TAP") }, "\(daemon.log)")
+        let details = try ip("-n", namespace.name, "-d", "link", "show", tap)
+        #expect(details.contains("tun type tap") && details.contains("mtu 4000") && details.contains(",UP"), "\(details)")
+
+        // A new frontend gets ARP answers through the new TAP.
+        try ip("-n", namespace.name, "addr", "add", "198.18.0.1/24", "dev", tap)
+        let next = try Frontend.connect(path: socket, timeout: 10)
+        let guest = try next.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20))
+        guest.postReceiveBuffers(pair: 0, count: 64)
+        let request = arpRequest(from: mac, senderIP: [198, 18, 0, 2], targetIP: [198, 18, 0, 1])
+        var replies = 0
+        let deadline = monotonicNow() + 20
+        while replies == 0 && monotonicNow() < deadline {
+            #expect(guest.transmit(request))
+            guest.waitUntil(timeout: 1) {
+                replies += guest.receivedFrames(pair: 0).filter { isARPReply($0, to: mac, from: [198, 18, 0, 1]) }.count
+                return replies > 0
+            }
+            _ = guest.completedTransmits()
+        }
+        #expect(replies > 0, "an ARP reply came back through the new TAP")
+
+        #expect(daemon.terminate() == 0, "\(daemon.log)")
+        #expect(eventually { !ipSucceeds("-n", namespace.name, "link", "show", tap) }, "the TAP it made is deleted at exit")
+    }
+
+    @Test("A single-queue TAP that another process still holds (as a killed daemon does for a moment) is waited for, then served",
+          .enabled(if: isRoot && ipAvailable, "needs root and iproute2"))
+    func busyTAPIsWaitedFor() throws {
+        _ = try #require(daemonPath)
+        let namespace = try TestNamespace()
+        defer { namespace.delete() }
+        let directory = try TemporaryDirectory("vu-daemon")
+        defer { directory.remove() }
+        let tag = String(getpid() % 100_000)
+        let tap = "vut\(tag)w"
+        let socket = directory.path + "/w.sock"
+        try ip("-n", namespace.name, "tuntap", "add", tap, "mode", "tap", "vnet_hdr")
+        // This process holds the TAP's one queue.
+        let holder = Mutex<TapBackend?>(try namespace.run { try TapBackend(name: tap) })
+        let daemon = try DaemonProcess(namespace: namespace, configuration: "[[device]]\nname = \"w\"\nsocket = \"\(socket)\"\ntap = \"\(tap)\"\n",
+                                       directory: directory.path)
+        defer { daemon.kill9() }
+        #expect(eventually(timeout: 30) { daemon.log.contains("TAP busy") || !daemon.process.isRunning }, "\(daemon.log)")
+        #expect(daemon.process.isRunning && access(socket, F_OK) != 0, "it waits: \(daemon.log)")
+        holder.withLock { $0 = nil }
+        #expect(eventually(timeout: 30) { access(socket, F_OK) == 0 }, "\(daemon.log)")
+        #expect(daemon.log.contains("TAP attached after waiting"), "\(daemon.log)")
+        let frontend = try Frontend.connect(path: socket)
+        let guest = try frontend.negotiate(memory: try SimulatedGuestMemory(regionSize: 4 << 20))
+        let before = try namespace.packetCounters(tap)
+        #expect(guest.transmit(ethernetFrame(length: 60, destination: .broadcast)))
+        #expect(eventually { ((try? namespace.packetCounters(tap).rx) ?? 0) > before.rx })
+        #expect(daemon.terminate() == 0, "\(daemon.log)")
+    }
 }

@@ -13,11 +13,16 @@
 #   vnet.iperf_wait=600        seconds iperf-server-wait waits at most
 #   vnet.ping_deadline=60      seconds the ping steps wait for a first answer
 #   vnet.ping_big_size=8972    payload of ping-big
+#   vnet.ping_time=30          seconds ping-fast-bg pings (every 50 ms)
+#   vnet.queue_delay=5         seconds before each change of queues-cycle
+#   vnet.queue_period=120      seconds between the changes of queues-loop-bg
 # Steps: ping ping-big ping-each-cpu iperf-server iperf-server-bg iperf-server-wait iperf-client iperf-client-reverse
-#        iperf-client-parallel stats mtu wait sleep-loop-ping shell
+#        iperf-client-parallel stats mtu wait sleep-loop-ping ping-fast-bg ping-fast-wait queues-cycle
+#        queues-loop-bg shell
 # Markers (one per line): VNET-BOOTED, VNET-NET-UP ip=.. mtu=.. queues=N, VNET-STEP-BEGIN name,
 # VNET-STEP-OK name, VNET-STEP-FAIL name reason, VNET-IPERF name bits_per_second=.., VNET-PING ..,
-# VNET-IPERF-SERVER-READY name, VNET-WAITING, VNET-DONE result=ok|fail.
+# VNET-IPERF-SERVER-READY name, VNET-PING-FAST .., VNET-PING-GAP .., VNET-QUEUES .., VNET-WAITING,
+# VNET-DONE result=ok|fail.
 # After the first failed step the remaining steps are skipped and the guest powers off.
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
@@ -50,6 +55,9 @@ cfg_iperf_tests=2
 cfg_iperf_wait=600
 cfg_ping_deadline=60
 cfg_ping_big_size=8972
+cfg_ping_time=30
+cfg_queue_delay=5
+cfg_queue_period=120
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     vnet.*=*)
@@ -136,7 +144,7 @@ iperf_report() { # iperf_report NAME JSONFILE: prints the VNET-IPERF marker, fai
 
 check_config() {
   local key value
-  for key in iperf_time iperf_tests iperf_wait ping_deadline ping_big_size; do
+  for key in iperf_time iperf_tests iperf_wait ping_deadline ping_big_size ping_time queue_delay queue_period; do
     eval "value=\$cfg_$key"
     is_number "$value" || { fail "vnet.$key=$value-is-not-a-number"; return 1; }
   done
@@ -301,6 +309,106 @@ step_sleep_loop_ping() { # forever: one ping a second, each result on its own li
       say "VNET-PING seq=$seq lost t=$(uptime_s)"
     fi
   done
+}
+
+PING_FAST_LOG=/tmp/ping-fast.log
+step_ping_fast_bg() { # ping every 50 ms for vnet.ping_time seconds, in the background
+  ping -i 0.05 -w "$cfg_ping_time" "$cfg_peer" >"$PING_FAST_LOG" 2>&1 &
+  PING_FAST_PID=$!
+  say "VNET-PING-FAST-STARTED interval_ms=50 seconds=$cfg_ping_time t=$(uptime_s)"
+}
+
+# Waits for ping-fast-bg to end and reports what was lost: each run of missing sequence numbers is
+# a gap (VNET-PING-GAP, at most 40 lines, the longest first), then the totals (VNET-PING-FAST).
+step_ping_fast_wait() {
+  local start summary
+  [ -n "${PING_FAST_PID:-}" ] || { fail "no-ping-fast-bg-step-before"; return 1; }
+  start=$(now_cs)
+  while kill -0 "$PING_FAST_PID" 2>/dev/null; do
+    if [ $(( $(now_cs) - start )) -ge $(( (cfg_ping_time + 60) * 100 )) ]; then
+      kill "$PING_FAST_PID"
+      fail "ping-did-not-end"
+      return 1
+    fi
+    sleep 0.2
+  done
+  # busybox ping's sequence numbers are 16 bits: unwrap them.
+  awk '
+    /packets transmitted/ { transmitted = $1 }
+    /bytes from .*seq=/ {
+      if (match($0, /seq=[0-9]+/)) {
+        seq = substr($0, RSTART + 4, RLENGTH - 4) + 0
+        if (seen_any && seq + base < last - 32768) base += 65536
+        seq += base; last = seq; seen_any = 1
+        if (!(seq in got)) { got[seq] = 1; received++ }
+      }
+    }
+    /ping: / { error = $0 }
+    END {
+      # the last echo request may still be unanswered when -w ends it: not counted
+      gaps = 0; lost = 0; longest = 0; run = 0; n = transmitted - 1
+      for (s = 0; s <= n; s++) {
+        if (s < n && !(s in got)) { if (run == 0) first = s; run++; continue }
+        if (run > 0) {
+          gaps++; lost += run; gap_first[gaps] = first; gap_len[gaps] = run
+          if (run > longest) longest = run
+          run = 0
+        }
+      }
+      # the longest gaps first (a simple selection: there are few)
+      for (n = 1; n <= gaps && n <= 40; n++) {
+        best = 0
+        for (g = 1; g <= gaps; g++) if (!(g in shown) && (best == 0 || gap_len[g] > gap_len[best])) best = g
+        shown[best] = 1
+        printf "VNET-PING-GAP first_seq=%d lost=%d\n", gap_first[best], gap_len[best]
+      }
+      printf "VNET-PING-FAST transmitted=%d received=%d lost=%d gaps=%d longest_gap=%d%s\n", \
+        transmitted, received, lost, gaps, longest, (error != "" ? " error=\"" error "\"" : "")
+    }' "$PING_FAST_LOG" >/tmp/ping-fast.summary
+  cat /tmp/ping-fast.summary
+  summary=$(tail -1 /tmp/ping-fast.summary)
+  case "$summary" in
+    *" error="*) fail "ping-failed"; return 1 ;;
+  esac
+  # ping must have run its whole time (busybox ping exits on a send error)
+  [ "$(echo "$summary" | sed -n 's/.*transmitted=\([0-9]*\).*/\1/p')" -ge $((cfg_ping_time * 10)) ] || { fail "ping-ended-early"; return 1; }
+}
+
+max_combined() { ethtool -l eth0 | awk '/^Pre-set maximums/ { pre = 1 } pre && /^Combined:/ { print $2; exit }'; }
+
+set_combined() { # set_combined N NUMBER: ethtool -L eth0 combined N, then a VNET-QUEUES marker
+  local out
+  if out=$(ethtool -L eth0 combined "$1" 2>&1); then
+    say "VNET-QUEUES n=$2 combined=$1 result=ok t=$(uptime_s)"
+  else
+    say "VNET-QUEUES n=$2 combined=$1 result=fail error=\"$(echo "$out" | tr '\n' ' ')\" t=$(uptime_s)"
+    return 1
+  fi
+}
+
+step_queues_cycle() { # vnet.queue_delay s, combined 1, vnet.queue_delay s, combined back to the maximum
+  local max
+  max=$(max_combined)
+  is_number "$max" && [ "$max" -ge 2 ] || { fail "the-device-has-${max:-no}-combined-channels"; return 1; }
+  sleep "$cfg_queue_delay"
+  set_combined 1 1 || { fail "ethtool-L-combined-1"; return 1; }
+  sleep "$cfg_queue_delay"
+  set_combined "$max" 2 || { fail "ethtool-L-combined-$max"; return 1; }
+}
+
+step_queues_loop_bg() { # in the background, for ever: every vnet.queue_period s, combined 1 <-> the maximum
+  local max
+  max=$(max_combined)
+  is_number "$max" && [ "$max" -ge 2 ] || { fail "the-device-has-${max:-no}-combined-channels"; return 1; }
+  (
+    n=0
+    while :; do
+      sleep "$cfg_queue_period"
+      n=$((n + 1))
+      if [ $((n % 2)) -eq 1 ]; then set_combined 1 "$n"; else set_combined "$max" "$n"; fi
+    done
+  ) &
+  say "VNET-QUEUES-LOOP period=$cfg_queue_period max=$max"
 }
 
 step_shell() { # an interactive shell on the console (boot --interactive); exit it to go on

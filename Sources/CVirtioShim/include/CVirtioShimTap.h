@@ -62,4 +62,8 @@ int cvs_if_set_flags(int sock, const char *name, int flags);
 // network namespace, so a thread enters a namespace before opening a TAP in it.
 int cvs_setns(int fd, int nstype);
 
+// A netlink socket (non-blocking, close-on-exec) readable whenever a link of the calling thread's
+// network namespace is added, changed or removed (RTMGRP_LINK).
+int cvs_link_monitor_open(void);
+
 #endif
