@@ -31,7 +31,8 @@ public final class VhostUserBackend {
 
     private struct Ring {
         var size: Int?
-        var nextAvailableIndex: UInt16 = 0
+        /// Where the ring resumes (SET_VRING_BASE, or where it stopped); nil: fresh.
+        var base: UInt32?
         var addresses: RingAddresses?
         var kick: EventFD?
         var call: EventFD?
@@ -144,7 +145,9 @@ public final class VhostUserBackend {
                 $0.addresses = addresses
                 $0.usedLog = log
             }
-        case .setVringBase(let index, let base): try changeRing(index) { $0.nextAvailableIndex = base }
+        case .setVringBase(let index, let base):
+            try validateBase(base, ring: index)
+            try changeRing(index) { $0.base = base }
         case .getVringBase(let index): return getVringBase(index)
         case .setVringKick(let index, let event): try changeRing(index) { $0.kick = event }
         case .setVringCall(let index, let event): try changeRing(index) { $0.call = event }
@@ -227,7 +230,7 @@ public final class VhostUserBackend {
         if deviceChanges && device.isActive {
             // The engines were built for the old features: every ring stops and starts again.
             for state in device.reset() where state.index < rings.count {
-                rings[state.index].nextAvailableIndex = state.nextAvailableIndex
+                rings[state.index].base = state.base
             }
             running = []
             activePairs = 0
@@ -326,6 +329,21 @@ public final class VhostUserBackend {
 
     // MARK: Rings
 
+    private var packedRings: Bool { (acknowledgedFeatures ?? 0) & VirtioNetFeatures.ringPacked.rawValue != 0 }
+
+    /// A split ring's base is a 16-bit index; a packed ring's two positions must lie in the ring
+    /// (checked again when the ring starts, against the size it has then).
+    private func validateBase(_ base: UInt32, ring index: Int) throws(VhostUserError) {
+        let hex = "0x" + String(base, radix: 16)
+        guard packedRings else {
+            guard base <= 0xffff else { throw VhostUserError("SET_VRING_BASE \(hex) for split ring \(index): more than 16 bits") }
+            return
+        }
+        if let size = rings[index].size, Int(base & 0x7fff) >= size || Int((base >> 16) & 0x7fff) >= size {
+            throw VhostUserError("SET_VRING_BASE \(hex) for packed ring \(index): a position past its \(size) entries")
+        }
+    }
+
     private func getVringBase(_ index: Int) -> [UInt8] {
         // Stops the ring: it runs again only after a new SET_VRING_KICK.
         stop([index])
@@ -333,7 +351,7 @@ public final class VhostUserBackend {
         try? refreshRings()
         var writer = PayloadWriter()
         writer.u32(UInt32(index))
-        writer.u32(UInt32(rings[index].nextAvailableIndex))
+        writer.u32(rings[index].base ?? (packedRings ? PackedQueue.freshBase : 0))
         return writer.bytes
     }
 
@@ -359,7 +377,7 @@ public final class VhostUserBackend {
     /// the first one's error, if any.
     private func keep(_ stopped: [NetDevice.StoppedQueue]) -> NetDeviceError? {
         for queue in stopped where queue.state.index < rings.count {
-            rings[queue.state.index].nextAvailableIndex = queue.state.nextAvailableIndex
+            rings[queue.state.index].base = queue.state.base
             running.remove(queue.state.index)
         }
         return stopped.first?.error
@@ -370,7 +388,7 @@ public final class VhostUserBackend {
         let stopping = indices.filter { running.contains($0) }
         guard !stopping.isEmpty else { return }
         for state in device.stopQueues(stopping) where state.index < rings.count {
-            rings[state.index].nextAvailableIndex = state.nextAvailableIndex
+            rings[state.index].base = state.base
         }
         running.subtract(stopping)
     }
@@ -404,7 +422,7 @@ public final class VhostUserBackend {
                 guard let size = ring.size, let addresses = ring.addresses else { continue }
                 do {
                     try device.startQueues([QueueConfiguration(
-                        index: index, size: size, rings: addresses, nextAvailableIndex: ring.nextAvailableIndex,
+                        index: index, size: size, rings: addresses, base: ring.base,
                         kick: ring.kick, call: ring.call, error: ring.error, usedRingLogAddress: ring.usedLog)])
                     running.insert(index)
                 } catch {

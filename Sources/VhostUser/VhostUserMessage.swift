@@ -21,7 +21,7 @@ enum VhostUserMessage {
     case setVringNum(ring: Int, size: Int)
     /// `log` is the used ring's address for dirty logging (VHOST_VRING_F_LOG), when asked for.
     case setVringAddr(ring: Int, addresses: RingAddresses, log: UInt64?)
-    case setVringBase(ring: Int, base: UInt16)
+    case setVringBase(ring: Int, base: UInt32)
     case getVringBase(ring: Int)
     case setVringKick(ring: Int, EventFD)
     case setVringCall(ring: Int, EventFD?)
@@ -153,8 +153,9 @@ enum VhostUserMessage {
             try expectFDs(0)
             try expectSize(8)
             let index = try ring(u32())
-            guard let base = UInt16(exactly: u32()) else { throw VhostUserError("SET_VRING_BASE beyond 16 bits for ring \(index)") }
-            return .setVringBase(ring: index, base: base)
+            // 32 bits: a packed ring's position has its used index in the upper half. A split ring
+            // refuses more than 16 when it starts.
+            return .setVringBase(ring: index, base: u32())
 
         case .getVringBase:
             try expectFDs(0)

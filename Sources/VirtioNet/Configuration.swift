@@ -15,6 +15,11 @@ public struct NetConfiguration: Sendable, Equatable {
     public var mergeableRxBuffers: Bool
     public var eventIndex: Bool
     public var indirectDescriptors: Bool
+    /// Whether to offer the packed ring layout (VIRTIO_F_RING_PACKED) and in-order use of buffers
+    /// (VIRTIO_F_IN_ORDER); both on by default. The driver chooses: QEMU uses packed rings with
+    /// `packed=on`, DPDK's virtio-user with `packed_vq=1`.
+    public var packedRings: Bool
+    public var inOrder: Bool
 
     public static let minimumMTU = 68
     public static let maximumMTU = 65535
@@ -24,7 +29,7 @@ public struct NetConfiguration: Sendable, Equatable {
 
     public init(mac: MACAddress, mtu: Int = 1500, queuePairs: Int = 1, maximumQueueSize: Int = 1024,
                 offloads: OffloadSet? = nil, mergeableRxBuffers: Bool = true, eventIndex: Bool = true,
-                indirectDescriptors: Bool = true) {
+                indirectDescriptors: Bool = true, packedRings: Bool = true, inOrder: Bool = true) {
         self.mac = mac
         self.mtu = mtu
         self.queuePairs = queuePairs
@@ -33,6 +38,8 @@ public struct NetConfiguration: Sendable, Equatable {
         self.mergeableRxBuffers = mergeableRxBuffers
         self.eventIndex = eventIndex
         self.indirectDescriptors = indirectDescriptors
+        self.packedRings = packedRings
+        self.inOrder = inOrder
     }
 
     /// Checks the values a user or VMM chose.

@@ -26,6 +26,11 @@ public struct VirtioNetFeatures: OptionSet, Hashable, Sendable, CustomStringConv
     public static let indirectDescriptors = Self(bit: 28)
     public static let eventIndex = Self(bit: 29)
     public static let version1 = Self(bit: 32)
+    /// The packed virtqueue layout (virtio 1.2, 2.8) instead of the split one.
+    public static let ringPacked = Self(bit: 34)
+    /// Buffers are used in the order they were made available (virtio 1.2, 6): the device's engines
+    /// always complete in order, so offering it costs nothing and lets drivers simplify.
+    public static let inOrder = Self(bit: 35)
     public static let guestUSO4 = Self(bit: 54)
     public static let guestUSO6 = Self(bit: 55)
     public static let hostUSO = Self(bit: 56)
@@ -81,7 +86,7 @@ public struct VirtioNetFeatures: OptionSet, Hashable, Sendable, CustomStringConv
         (.guestUFO, "GUEST_UFO"), (.hostTSO4, "HOST_TSO4"), (.hostTSO6, "HOST_TSO6"), (.hostECN, "HOST_ECN"),
         (.hostUFO, "HOST_UFO"), (.mergeableRxBuffers, "MRG_RXBUF"), (.status, "STATUS"), (.ctrlVQ, "CTRL_VQ"),
         (.ctrlRx, "CTRL_RX"), (.mq, "MQ"), (.ctrlMACAddress, "CTRL_MAC_ADDR"), (.indirectDescriptors, "INDIRECT_DESC"),
-        (.eventIndex, "EVENT_IDX"), (.version1, "VERSION_1"), (.guestUSO4, "GUEST_USO4"), (.guestUSO6, "GUEST_USO6"),
+        (.eventIndex, "EVENT_IDX"), (.version1, "VERSION_1"), (.ringPacked, "RING_PACKED"), (.inOrder, "IN_ORDER"), (.guestUSO4, "GUEST_USO4"), (.guestUSO6, "GUEST_USO6"),
         (.hostUSO, "HOST_USO"),
     ]
 

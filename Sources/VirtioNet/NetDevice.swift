@@ -10,13 +10,13 @@ public struct QueueConfiguration: Sendable {
     public var index: Int
     public var size: Int
     public var rings: RingAddresses
-    /// Where to resume, as vhost-user's vring base (0 for a fresh queue; GET_VRING_BASE's answer when
-    /// restoring): a split ring's next available index; a packed ring's next available index with its
-    /// wrap counter in bit 15 and its next used index with its wrap counter in bit 31.
-    public var base: UInt32
+    /// Where to resume, as vhost-user's vring base (GET_VRING_BASE's answer when restoring; nil for a
+    /// fresh queue): a split ring's next available index; a packed ring's next available index with
+    /// its wrap counter in bit 15 and its next used index with its wrap counter in bit 31.
+    public var base: UInt32?
     /// The split ring's next available index: the low 16 bits of `base`.
     public var nextAvailableIndex: UInt16 {
-        get { UInt16(truncatingIfNeeded: base) }
+        get { UInt16(truncatingIfNeeded: base ?? 0) }
         set { base = UInt32(newValue) }
     }
     /// Written by the driver when it adds buffers.
@@ -29,14 +29,14 @@ public struct QueueConfiguration: Sendable {
     /// vhost-user's log address. With guest-physical ring addresses the used ring's is taken.
     public var usedRingLogAddress: UInt64?
 
-    public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16 = 0, base: UInt32? = nil, kick: EventFD? = nil,
+    public init(index: Int, size: Int, rings: RingAddresses, nextAvailableIndex: UInt16? = nil, base: UInt32? = nil, kick: EventFD? = nil,
                 call: EventFD? = nil, error: EventFD? = nil, usedRingLogAddress: UInt64? = nil) {
         self.error = error
         self.usedRingLogAddress = usedRingLogAddress
         self.index = index
         self.size = size
         self.rings = rings
-        self.base = base ?? UInt32(nextAvailableIndex)
+        self.base = base ?? nextAvailableIndex.map(UInt32.init)
         self.kick = kick
         self.call = call
     }
@@ -163,6 +163,8 @@ public final class NetDevice: Sendable {
         if configuration.mergeableRxBuffers { features.insert(.mergeableRxBuffers) }
         if configuration.eventIndex { features.insert(.eventIndex) }
         if configuration.indirectDescriptors { features.insert(.indirectDescriptors) }
+        if configuration.packedRings { features.insert(.ringPacked) }
+        if configuration.inOrder { features.insert(.inOrder) }
         self.offeredFeatures = features
     }
 
@@ -355,7 +357,7 @@ public final class NetDevice: Sendable {
             var stopped: [StoppedQueue] = []
             for queue in queues {
                 do throws(NetDeviceError) { try install([queue], in: active) } catch {
-                    stopped.append(StoppedQueue(state: QueueState(index: queue.index, base: queue.base), error: error))
+                    stopped.append(StoppedQueue(state: QueueState(index: queue.index, base: queue.base ?? 0), error: error))
                 }
             }
             for pair in Set(queues.map { active.pair(of: $0.index) }).sorted() {
@@ -380,7 +382,8 @@ public final class NetDevice: Sendable {
             eventIndex: features.contains(.eventIndex), indirectDescriptors: features.contains(.indirectDescriptors))
         let mtu = self.mtu
         var seen = Set<Int>()
-        var built: [(QueueConfiguration, SplitQueue)] = []
+        let packed = features.contains(.ringPacked)
+        var built: [(QueueConfiguration, any DeviceQueue)] = []
         for queue in queues {
             guard queue.index >= 0, queue.index < 2 * pairs || queue.index == active.controlIndex else {
                 throw .invalidQueue(index: queue.index, "no such queue")
@@ -392,33 +395,47 @@ public final class NetDevice: Sendable {
             guard queue.kick != nil || active.drive == .manual else {
                 throw .invalidQueue(index: queue.index, "a kick eventfd is needed for worker threads")
             }
-            do {
-                built.append((queue, try SplitQueue(memory: active.memory, size: queue.size, rings: queue.rings,
-                                                    features: ringFeatures, nextAvailableIndex: queue.nextAvailableIndex)))
+            do throws(QueueSetupError) {
+                if packed {
+                    built.append((queue, try PackedQueue(memory: active.memory, size: queue.size, rings: queue.rings,
+                                                         features: ringFeatures, base: queue.base ?? PackedQueue.freshBase)))
+                } else {
+                    let base = queue.base ?? 0
+                    guard let next = UInt16(exactly: base) else { throw QueueSetupError.invalidBase(base) }
+                    var ring = try SplitQueue(memory: active.memory, size: queue.size, rings: queue.rings,
+                                              features: ringFeatures, nextAvailableIndex: next)
+                    if let address = queue.usedRingLogAddress { ring.usedLogAddress = address }
+                    built.append((queue, ring))
+                }
             } catch {
                 throw .queueSetup(index: queue.index, error)
             }
         }
-        for (queue, var ring) in built {
-            if let address = queue.usedRingLogAddress { ring.usedLogAddress = address }
-            if queue.index == active.controlIndex {
-                active.control = ControlQueueEngine(
-                    index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: logger,
-                    logging: dirtyLogging, execute: { [weak self] command in self?.executeControl(command) ?? .error })
-            } else if queue.index % 2 == 0 {
-                let pair = queue.index / 2
-                active.receive[pair] = ReceiveQueue(
-                    index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].receive, features: features, mtu: mtu, filter: filterCell, logger: logger,
-                    logging: dirtyLogging)
-            } else {
-                let pair = queue.index / 2
-                active.transmit[pair] = TransmitQueue(
-                    index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
-                    counters: queuePairCounters[pair].transmit, features: features, mtu: mtu, logger: logger,
-                    logging: dirtyLogging)
-            }
+        for (queue, ring) in built {
+            installEngine(queue, ring: ring, in: active, features: features, mtu: mtu)
             active.configurations[queue.index] = queue
+        }
+    }
+
+    /// Builds the engine of `queue`, specialised for its ring layout.
+    private func installEngine<Ring: DeviceQueue>(_ queue: QueueConfiguration, ring: Ring, in active: ActiveQueues,
+                                                 features: VirtioNetFeatures, mtu: Int) {
+        if queue.index == active.controlIndex {
+            active.control = ControlQueueEngine(
+                index: queue.index, ring: ring, call: queue.call, counters: controlCounters, logger: logger,
+                logging: dirtyLogging, execute: { [weak self] command in self?.executeControl(command) ?? .error })
+        } else if queue.index % 2 == 0 {
+            let pair = queue.index / 2
+            active.receive[pair] = ReceiveQueue(
+                index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
+                counters: queuePairCounters[pair].receive, features: features, mtu: mtu, filter: filterCell, logger: logger,
+                logging: dirtyLogging)
+        } else {
+            let pair = queue.index / 2
+            active.transmit[pair] = TransmitQueue(
+                index: queue.index, backendQueue: pair, ring: ring, call: queue.call,
+                counters: queuePairCounters[pair].transmit, features: features, mtu: mtu, logger: logger,
+                logging: dirtyLogging)
         }
     }
 

@@ -35,22 +35,29 @@ public final class SimulatedNetDriver: @unchecked Sendable {
     /// threads running the device, set it to nothing.
     public var drive: @Sendable (NetDevice) -> Void = { $0.poll() }
 
-    /// Negotiates `wanted ∩ offered` (all offered by default) and activates every queue.
+    /// Negotiates `wanted ∩ offered` (all offered by default), with the ring layout given (RING_PACKED
+    /// follows it, whatever `wanted` says), and activates every queue.
     /// With `threaded`, the device runs its own worker threads and the driver only waits.
-    public init(device: NetDevice, wanted: VirtioNetFeatures? = nil, queueSize: Int = 256,
+    public init(device: NetDevice, wanted: VirtioNetFeatures? = nil, queueSize: Int = 256, layout: SimulatedQueue.Layout = .split,
                 guest: SimulatedGuestMemory? = nil, frontendAddresses: Bool = false, threaded: Bool = false) throws {
         let memory = try guest ?? SimulatedGuestMemory()
         self.guest = memory
         self.device = device
-        let features = device.offeredFeatures.intersection(wanted ?? device.offeredFeatures)
+        var features = device.offeredFeatures.intersection(wanted ?? device.offeredFeatures)
+        if layout == .packed {
+            guard device.offeredFeatures.contains(.ringPacked) else { throw NetDeviceError.invalidConfiguration("packed rings not offered") }
+            features.insert(.ringPacked)
+        } else {
+            features.remove(.ringPacked)
+        }
         self.features = features
         try device.acknowledge(features: features)
         let pairs = features.contains(.mq) ? device.configuration.queuePairs : 1
         self.queuePairs = pairs
         let eventIndex = features.contains(.eventIndex)
-        receiveQueues = (0..<pairs).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex) }
-        transmitQueues = (0..<pairs).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex) }
-        controlQueue = features.contains(.ctrlVQ) ? SimulatedQueue(guest: memory, size: 64, eventIndex: eventIndex) : nil
+        receiveQueues = (0..<pairs).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex, layout: layout) }
+        transmitQueues = (0..<pairs).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex, layout: layout) }
+        controlQueue = features.contains(.ctrlVQ) ? SimulatedQueue(guest: memory, size: 64, eventIndex: eventIndex, layout: layout) : nil
         self.guest.sealRingArea()
 
         var queues: [QueueConfiguration] = []

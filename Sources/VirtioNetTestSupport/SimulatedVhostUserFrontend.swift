@@ -338,6 +338,8 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
 
     // MARK: Negotiation
 
+    static let ringPackedBit: UInt64 = 1 << 34
+
     /// The protocol features `negotiate` asks for by default (those QEMU's vhost-user-net uses).
     public static let defaultProtocolFeatures: UInt64 = ProtocolFeature.mq | ProtocolFeature.replyAck | ProtocolFeature.netMTU
         | ProtocolFeature.configureMemSlots | ProtocolFeature.status | ProtocolFeature.rarp | ProtocolFeature.logShmfd
@@ -347,13 +349,18 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
     /// `protocolFeatures`), SET_OWNER, GET_QUEUE_NUM, SET_MEM_TABLE with the memory's memfds, then
     /// per ring SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR (frontend-virtual), SET_VRING_KICK,
     /// SET_VRING_CALL, then SET_VRING_ENABLE 1 (with protocol features, unless `enable` is false).
-    /// `rings` are the ring indices to set up (all 2 * `queuePairs` by default).
-    public func negotiate(memory: SimulatedGuestMemory, queuePairs: Int = 1, queueSize: Int = 256, wanted: UInt64 = ~0,
+    /// `rings` are the ring indices to set up (all 2 * `queuePairs` by default). RING_PACKED only with
+    /// `packed` (then each ring starts at QEMU's fresh packed base, 0x8000_8000).
+    public func negotiate(memory: SimulatedGuestMemory, queuePairs: Int = 1, queueSize: Int = 256, wanted: UInt64 = ~0, packed: Bool = false,
                           protocolFeatures wantedProtocol: UInt64? = SimulatedVhostUserFrontend.defaultProtocolFeatures,
                           rings: [Int]? = nil, enable: Bool = true) throws -> SimulatedVhostUserGuest {
         let offered = try getFeatures()
         // VHOST_F_LOG_ALL (bit 26) is set only while migrating, as QEMU does.
-        var features = offered & wanted & ~Self.protocolFeaturesBit & ~(1 << 26)
+        var features = offered & wanted & ~Self.protocolFeaturesBit & ~(1 << 26) & ~Self.ringPackedBit
+        if packed {
+            guard offered & Self.ringPackedBit != 0 else { throw FrontendError("RING_PACKED not offered") }
+            features |= Self.ringPackedBit
+        }
         let useProtocol = wantedProtocol != nil && offered & Self.protocolFeaturesBit != 0
         if useProtocol { features |= Self.protocolFeaturesBit }
         try setFeatures(features)
@@ -369,7 +376,7 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
         try setMemTable(Self.regions(of: memory), fds: memory.fds)
         let guest = try SimulatedVhostUserGuest(memory: memory, queuePairs: queuePairs, queueSize: queueSize, features: features)
         for index in rings ?? Array(0..<(2 * queuePairs)) {
-            try startRing(index, of: guest, base: 0)
+            try startRing(index, of: guest, base: packed ? 0x8000_8000 : 0)
         }
         if useProtocol && enable {
             for index in rings ?? Array(0..<(2 * queuePairs)) { try setVringEnable(UInt32(index), true) }
@@ -467,7 +474,7 @@ public final class SimulatedVhostUserFrontend: @unchecked Sendable {
     }
 }
 
-/// The guest driver's side of the rings behind a vhost-user frontend: split rings in simulated guest
+/// The guest driver's side of the rings behind a vhost-user frontend: split or packed rings in simulated guest
 /// memory (SimulatedQueue), kick eventfds it signals when it adds buffers, and call eventfds it waits on.
 public final class SimulatedVhostUserGuest: @unchecked Sendable {
     public let memory: SimulatedGuestMemory
@@ -491,7 +498,8 @@ public final class SimulatedVhostUserGuest: @unchecked Sendable {
         self.queuePairs = queuePairs
         self.features = features
         let eventIndex = features & Self.eventIndexFeature != 0
-        queues = (0..<(2 * queuePairs)).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex) }
+        let layout: SimulatedQueue.Layout = features & SimulatedVhostUserFrontend.ringPackedBit != 0 ? .packed : .split
+        queues = (0..<(2 * queuePairs)).map { _ in SimulatedQueue(guest: memory, size: queueSize, eventIndex: eventIndex, layout: layout) }
         memory.sealRingArea()
         kicks = Array(repeating: nil, count: 2 * queuePairs)
         var calls: [EventFD] = []

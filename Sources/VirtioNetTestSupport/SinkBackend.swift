@@ -65,6 +65,7 @@ extension SimulatedQueue {
     /// that recycles its buffers, without allocating. Returns how many were recycled.
     @discardableResult
     public func recycleUsed() -> Int {
+        if layout == .packed { return recyclePackedUsed() }
         // Concrete, pointer-level loads and stores: the benchmarks measure the device, not this.
         let used = try! guest.memory.hostPointer(usedRing, length: UInt64(6 + 8 * size))
         let available = try! guest.memory.hostPointer(availableRing, length: UInt64(6 + 2 * size))
@@ -81,6 +82,40 @@ extension SimulatedQueue {
         }
         lastSeenUsedForRecycling = seen
         if count > 0 { setAvailableIndex(next) }
+        return count
+    }
+
+    /// The packed form: each used chain is written again at the next available slots (the same
+    /// buffers, the same id), the batch published with its first flags last.
+    private func recyclePackedUsed() -> Int {
+        let ring = try! guest.memory.hostPointer(descriptorTable, length: UInt64(16 * size))
+        var count = 0
+        var firstPosition = -1
+        var firstFlags: UInt16 = 0
+        while true {
+            let entry = ring + 16 * nextUsedPosition
+            let flags = UInt16(littleEndian: cvs_load_acquire_u16(entry + 14))
+            guard (flags & Self.flagAvailable != 0) == usedWrap, (flags & Self.flagUsed != 0) == usedWrap else { break }
+            let id = Int(UInt16(littleEndian: entry.loadUnaligned(fromByteOffset: 12, as: UInt16.self)))
+            let chain = packedChains[id]
+            for descriptor in chain {
+                let slot = ring + 16 * nextAvailablePosition
+                slot.storeBytes(of: descriptor.address.littleEndian, as: UInt64.self)
+                slot.storeBytes(of: descriptor.length.littleEndian, toByteOffset: 8, as: UInt32.self)
+                slot.storeBytes(of: UInt16(id).littleEndian, toByteOffset: 12, as: UInt16.self)
+                let available = descriptor.flags | packedAvailableFlags
+                if firstPosition < 0 {
+                    firstPosition = nextAvailablePosition
+                    firstFlags = available
+                } else {
+                    cvs_store_release_u16(slot + 14, available.littleEndian)
+                }
+                advancePackedAvailable()
+            }
+            advancePackedUsed(by: chain.count)
+            count += 1
+        }
+        if firstPosition >= 0 { cvs_store_release_u16(ring + 16 * firstPosition + 14, firstFlags.littleEndian) }
         return count
     }
 }

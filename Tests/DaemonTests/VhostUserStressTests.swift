@@ -516,7 +516,8 @@ final class StressScenario: @unchecked Sendable {
         defer { frontend.close() }
 
         // QEMU's order: features, protocol features, owner, queue count, memory, rings, enable.
-        offered = try frontend.getFeatures()
+        // Split rings: this guest's driver lays out split rings only.
+        offered = try frontend.getFeatures() & ~VirtioNetFeatures.ringPacked.rawValue
         features = offered
         try frontend.setFeatures(features)
         try frontend.setProtocolFeatures(try frontend.getProtocolFeatures() & Frontend.defaultProtocolFeatures)

@@ -24,7 +24,11 @@ struct FeatureCombination: CustomTestStringConvertible, Sendable {
     var gso: Bool
     var indirect: Bool
     var eventIndex: Bool
-    var testDescription: String { "mrg_rxbuf=\(mergeable) gso=\(gso) indirect=\(indirect) event_idx=\(eventIndex)" }
+    var packed: Bool
+    var testDescription: String {
+        "mrg_rxbuf=\(mergeable) gso=\(gso) indirect=\(indirect) event_idx=\(eventIndex) \(packed ? "packed" : "split")"
+    }
+    var layout: SimulatedQueue.Layout { packed ? .packed : .split }
     var without: VirtioNetFeatures {
         var without: VirtioNetFeatures = []
         if !mergeable { without.insert(.mergeableRxBuffers) }
@@ -32,8 +36,8 @@ struct FeatureCombination: CustomTestStringConvertible, Sendable {
         if !eventIndex { without.insert(.eventIndex) }
         return without
     }
-    static let all: [FeatureCombination] = (0..<16).map {
-        FeatureCombination(mergeable: $0 & 1 != 0, gso: $0 & 2 != 0, indirect: $0 & 4 != 0, eventIndex: $0 & 8 != 0)
+    static let all: [FeatureCombination] = (0..<32).map {
+        FeatureCombination(mergeable: $0 & 1 != 0, gso: $0 & 2 != 0, indirect: $0 & 4 != 0, eventIndex: $0 & 8 != 0, packed: $0 & 16 != 0)
     }
 }
 
@@ -43,7 +47,7 @@ private func makeDevice(_ combination: FeatureCombination, queueSize: Int) throw
     let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC, mtu: 65535, maximumQueueSize: 32768), backend: backend,
         logger: quietLogger)
     let driver = try SimulatedNetDriver(device: device, wanted: device.offeredFeatures.subtracting(combination.without),
-                                        queueSize: queueSize, guest: try SimulatedGuestMemory(regionSize: 24 << 20))
+                                        queueSize: queueSize, layout: combination.layout, guest: try SimulatedGuestMemory(regionSize: 24 << 20))
     driver.useIndirect = combination.indirect
     return (device, driver, backend)
 }
@@ -160,9 +164,10 @@ struct EngineLimitsTests {
         }
     }
 
-    @Test("The bounce buffer holds exactly the largest frame: that size waits for buffers and arrives, one byte more is dropped")
-    func bounceBufferAtItsEdge() throws {
-        let combination = FeatureCombination(mergeable: true, gso: true, indirect: true, eventIndex: true)
+    @Test("The bounce buffer holds exactly the largest frame: that size waits for buffers and arrives, one byte more is dropped",
+          arguments: [false, true])
+    func bounceBufferAtItsEdge(packed: Bool) throws {
+        let combination = FeatureCombination(mergeable: true, gso: true, indirect: true, eventIndex: true, packed: packed)
         for (extra, delivered) in [(0, true), (1, false)] {
             let (device, driver, backend) = try makeDevice(combination, queueSize: 256)
             defer { device.reset() }
@@ -187,9 +192,10 @@ struct EngineLimitsTests {
         }
     }
 
-    @Test("The receive cache at its edge: a ring of 1024 one-segment buffers holds a frame that needs all 1024; one byte more can never fit")
-    func receiveCacheAtItsEdge() throws {
-        let combination = FeatureCombination(mergeable: true, gso: true, indirect: false, eventIndex: true)
+    @Test("The receive cache at its edge: a ring of 1024 one-segment buffers holds a frame that needs all 1024; one byte more can never fit",
+          arguments: [false, true])
+    func receiveCacheAtItsEdge(packed: Bool) throws {
+        let combination = FeatureCombination(mergeable: true, gso: true, indirect: false, eventIndex: true, packed: packed)
         for (extra, delivered) in [(0, true), (1, false)] {
             let (device, driver, backend) = try makeDevice(combination, queueSize: 1024)
             defer { device.reset() }
@@ -210,12 +216,12 @@ struct EngineLimitsTests {
     }
 
     @Test("A buffer that crosses a memory region boundary takes two segments: 1024 in all is a chain at the limit, 1025 is refused",
-          arguments: [false, true])
-    func segmentsAcrossRegions(indirect: Bool) throws {
+          arguments: [false, true], [SimulatedQueue.Layout.split, .packed])
+    func segmentsAcrossRegions(indirect: Bool, layout: SimulatedQueue.Layout) throws {
         let backend = try LoopbackBackend()
         let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC, mtu: 65535, maximumQueueSize: 4096), backend: backend)
         let guest = try SimulatedGuestMemory(regionSize: 8 << 20, regionCount: 2)
-        let driver = try SimulatedNetDriver(device: device, queueSize: 4096, guest: guest)
+        let driver = try SimulatedNetDriver(device: device, queueSize: 4096, layout: layout, guest: guest)
         defer { device.reset() }
         let boundary = guest.base.rawValue + (8 << 20)
         for (descriptors, accepted) in [(Self.segmentLimit - 1, true), (Self.segmentLimit, false)] {
@@ -237,9 +243,10 @@ struct EngineLimitsTests {
         }
     }
 
-    @Test("The control queue takes commands of up to 256 segments; one more is refused", arguments: [false, true])
-    func controlSegmentsAtTheLimit(indirect: Bool) throws {
-        let (device, driver, _) = try makeLoopbackDevice(queuePairs: 2)
+    @Test("The control queue takes commands of up to 256 segments; one more is refused",
+          arguments: [false, true], [SimulatedQueue.Layout.split, .packed])
+    func controlSegmentsAtTheLimit(indirect: Bool, layout: SimulatedQueue.Layout) throws {
+        let (device, driver, _) = try makeLoopbackDevice(queuePairs: 2, layout: layout)
         defer { device.reset() }
         let queue = try #require(driver.controlQueue)
         for (readable, accepted) in [(255, true), (256, false)] {
@@ -270,10 +277,11 @@ struct EngineLimitsTests {
         }
     }
 
-    @Test("Transmit bursts at their edges: 64 frames and 65; four chains of 1024 segments fill the iovec array, a fifth waits for the next burst")
-    func transmitBurstEdges() throws {
+    @Test("Transmit bursts at their edges: 64 frames and 65; four chains of 1024 segments fill the iovec array, a fifth waits for the next burst",
+          arguments: [SimulatedQueue.Layout.split, .packed])
+    func transmitBurstEdges(layout: SimulatedQueue.Layout) throws {
         for count in [64, 65] {
-            let (device, driver, backend) = try makeLoopbackDevice(mtu: 65535)
+            let (device, driver, backend) = try makeLoopbackDevice(mtu: 65535, layout: layout)
             defer { device.reset() }
             let frames = (0..<count).map { ethernetFrame(length: 60 + $0, seed: UInt8($0)) }
             #expect(driver.transmitBurst(frames.map { (frame: $0, segmentSize: Int?.none) }))
@@ -281,7 +289,7 @@ struct EngineLimitsTests {
             let inOrder = sent == frames
             #expect(inOrder, "\(count) frames: \(sent.count) sent")
         }
-        let (device, driver, backend) = try makeLoopbackDevice(mtu: 65535, queueSize: 256)
+        let (device, driver, backend) = try makeLoopbackDevice(mtu: 65535, queueSize: 256, layout: layout)
         defer { device.reset() }
         driver.useIndirect = true
         let frames = (0..<5).map { ethernetFrame(length: Self.segmentLimit * 64 - VirtioNetHeader.size, seed: UInt8(40 + $0)) }

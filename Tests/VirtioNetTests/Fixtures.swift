@@ -18,12 +18,12 @@ func ethernetFrame(length: Int, destination: MACAddress = guestMAC, source: MACA
 /// A device on a loopback backend with a driver that negotiated `wanted` (all offered when nil).
 func makeLoopbackDevice(
     mtu: Int = 1500, queuePairs: Int = 1, wanted: VirtioNetFeatures? = nil, without: VirtioNetFeatures = [],
-    queueSize: Int = 256, guest: SimulatedGuestMemory? = nil, threaded: Bool = false
+    queueSize: Int = 256, layout: SimulatedQueue.Layout = .split, guest: SimulatedGuestMemory? = nil, threaded: Bool = false
 ) throws -> (device: NetDevice, driver: SimulatedNetDriver, backend: LoopbackBackend) {
     let backend = try LoopbackBackend(queuePairs: queuePairs)
     let device = try NetDevice(configuration: NetConfiguration(mac: guestMAC, mtu: mtu, queuePairs: queuePairs), backend: backend)
     let features = (wanted ?? device.offeredFeatures).subtracting(without)
-    let driver = try SimulatedNetDriver(device: device, wanted: features, queueSize: queueSize, guest: guest, threaded: threaded)
+    let driver = try SimulatedNetDriver(device: device, wanted: features, queueSize: queueSize, layout: layout, guest: guest, threaded: threaded)
     return (device, driver, backend)
 }
 

@@ -12,7 +12,8 @@ import Virtqueue
 
 /// A device on a loopback backend whose rings may be as large as 32768, with a driver that negotiated
 /// everything offered minus `without`.
-private func makeDevice(queueSize: Int = 256, without: VirtioNetFeatures = [], threaded: Bool = false)
+private func makeDevice(queueSize: Int = 256, without: VirtioNetFeatures = [], threaded: Bool = false,
+                        layout: SimulatedQueue.Layout = .split)
     throws -> (device: NetDevice, driver: SimulatedNetDriver, backend: LoopbackBackend)
 {
     let backend = try LoopbackBackend()
@@ -21,7 +22,7 @@ private func makeDevice(queueSize: Int = 256, without: VirtioNetFeatures = [], t
         logger: quietLogger)
     let guest = try SimulatedGuestMemory(regionSize: 64 << 20)
     let driver = try SimulatedNetDriver(device: device, wanted: device.offeredFeatures.subtracting(without),
-                                        queueSize: queueSize, guest: guest, threaded: threaded)
+                                        queueSize: queueSize, layout: layout, guest: guest, threaded: threaded)
     return (device, driver, backend)
 }
 
@@ -46,15 +47,18 @@ struct EngineOptions: CustomTestStringConvertible, Sendable {
     var mergeable: Bool
     var gso: Bool
     var indirect: Bool
-    var testDescription: String { "mrg_rxbuf=\(mergeable) gso=\(gso) indirect=\(indirect)" }
+    var layout: SimulatedQueue.Layout = .split
+    var testDescription: String { "mrg_rxbuf=\(mergeable) gso=\(gso) indirect=\(indirect) \(layout)" }
     var without: VirtioNetFeatures {
         var without: VirtioNetFeatures = []
         if !mergeable { without.insert(.mergeableRxBuffers) }
         if !gso { without.formUnion(gsoFeatures) }
         return without
     }
-    static let all: [EngineOptions] = [false, true].flatMap { mergeable in
-        [false, true].flatMap { gso in [false, true].map { EngineOptions(mergeable: mergeable, gso: gso, indirect: $0) } }
+    static let all: [EngineOptions] = [SimulatedQueue.Layout.split, .packed].flatMap { layout in
+        [false, true].flatMap { mergeable in
+            [false, true].flatMap { gso in [false, true].map { EngineOptions(mergeable: mergeable, gso: gso, indirect: $0, layout: layout) } }
+        }
     }
 }
 
@@ -63,9 +67,10 @@ struct HostileGuestEngineTests {
     /// One read or write takes at most this many segments (UIO_MAXIOV); a chain may have no more.
     static let segmentLimit = SplitQueue.maximumSegmentsPerChain
 
-    @Test("A receive chain of 4096 one-byte buffers in one indirect table is refused (GSO, bounce path); the next buffers get the frame")
-    func indirectTableOfOneByteBuffers() throws {
-        let (device, driver, backend) = try makeDevice()
+    @Test("A receive chain of 4096 one-byte buffers in one indirect table is refused (GSO, bounce path); the next buffers get the frame",
+          arguments: [SimulatedQueue.Layout.split, .packed])
+    func indirectTableOfOneByteBuffers(layout: SimulatedQueue.Layout) throws {
+        let (device, driver, backend) = try makeDevice(layout: layout)
         try #require(postReceiveChain(driver, segments: 4096, segmentLength: 1, indirect: true) != nil)
         driver.postReceiveBuffers(count: 40, size: 2048)
         let frame = ethernetFrame(length: 1000, seed: 3)
@@ -80,7 +85,7 @@ struct HostileGuestEngineTests {
           arguments: EngineOptions.all)
     func receiveChainAtTheSegmentLimit(options: EngineOptions) throws {
         let queueSize = options.indirect ? 256 : 4096
-        let (device, driver, backend) = try makeDevice(queueSize: queueSize, without: options.without)
+        let (device, driver, backend) = try makeDevice(queueSize: queueSize, without: options.without, layout: options.layout)
         defer { device.reset() }
         #expect(driver.features.contains(.mergeableRxBuffers) == options.mergeable)
         // 1024 segments of 64 bytes hold 65536 bytes: a header and a 65524-byte frame fill them all.
@@ -104,16 +109,17 @@ struct HostileGuestEngineTests {
     }
 
     @Test("Transmit chains of exactly the segment limit are sent; one more segment is refused and the next frame goes",
-          arguments: [false, true])
-    func transmitChainAtTheSegmentLimit(indirect: Bool) throws {
-        let (device, driver, backend) = try makeDevice(queueSize: indirect ? 256 : 4096)
+          arguments: [false, true], [SimulatedQueue.Layout.split, .packed])
+    func transmitChainAtTheSegmentLimit(indirect: Bool, layout: SimulatedQueue.Layout) throws {
+        let (device, driver, backend) = try makeDevice(queueSize: indirect ? 256 : 4096, layout: layout)
         driver.useIndirect = indirect
         let atLimit = ethernetFrame(length: Self.segmentLimit * 64 - VirtioNetHeader.size, seed: 4)
         let overLimit = ethernetFrame(length: Self.segmentLimit * 64 - VirtioNetHeader.size + 1, seed: 5)
         let last = ethernetFrame(length: 200, seed: 6)
         let added = [driver.transmit(atLimit, segmentSize: 64), driver.transmit(overLimit, segmentSize: 64), driver.transmit(last)]
         #expect(added == [true, true, true])
-        #expect(driver.waitUntil { driver.transmitQueues[0].usedIndex == 3 })
+        let queue = driver.transmitQueues[0]
+        #expect(driver.waitUntil { queue.usedIndex == queue.availableIndex })
         let sent = backend.drain(queue: 0).map { Array($0.dropFirst(VirtioNetHeader.size)) }
         #expect(sent.map(\.count) == [atLimit.count, last.count])
         let intact = sent == [atLimit, last]
@@ -121,9 +127,10 @@ struct HostileGuestEngineTests {
         #expect(device.queuePairCounters[0].transmit.snapshot.drops[.badChain] == 1)
     }
 
-    @Test("A frame too large for every buffer one read can reach is dropped, not waited for; receive goes on (no livelock)")
-    func bouncedFrameThatCanNeverFit() throws {
-        let (device, driver, backend) = try makeDevice(threaded: true)
+    @Test("A frame too large for every buffer one read can reach is dropped, not waited for; receive goes on (no livelock)",
+          arguments: [SimulatedQueue.Layout.split, .packed])
+    func bouncedFrameThatCanNeverFit(layout: SimulatedQueue.Layout) throws {
+        let (device, driver, backend) = try makeDevice(threaded: true, layout: layout)
         defer { device.reset() }
         // Four chains of 1023 one-byte buffers: one read reaches only the first.
         for _ in 0..<4 { try #require(postReceiveChain(driver, segments: 1023, segmentLength: 1, indirect: true) != nil) }
@@ -223,9 +230,10 @@ struct HostileGuestEngineTests {
         resetter.join()
     }
 
-    @Test("Chains cached for receive go back exactly when the ring stops: a bad chain among them is used once, none is lost")
-    func cachedChainsAroundABadOne() throws {
-        let (device, driver, backend) = try makeDevice()
+    @Test("Chains cached for receive go back exactly when the ring stops: a bad chain among them is used once, none is lost",
+          arguments: [SimulatedQueue.Layout.split, .packed])
+    func cachedChainsAroundABadOne(layout: SimulatedQueue.Layout) throws {
+        let (device, driver, backend) = try makeDevice(layout: layout)
         let queue = driver.receiveQueues[0]
         let good1 = try #require(postReceiveChain(driver, segments: 1, segmentLength: 2048, indirect: false))
         let badBuffer = driver.guest.allocate(2048)
@@ -236,13 +244,13 @@ struct HostileGuestEngineTests {
 
         // The ring stops (vhost-user GET_VRING_BASE) and starts again where the device says.
         let states = device.reset()
-        let receiveBase = try #require(states.first { $0.index == 0 }).nextAvailableIndex
-        let transmitBase = try #require(states.first { $0.index == 1 }).nextAvailableIndex
+        let receiveBase = try #require(states.first { $0.index == 0 }).base
+        let transmitBase = try #require(states.first { $0.index == 1 }).base
         try device.acknowledge(features: driver.features)
         try device.activate(memory: driver.guest.memory, queues: [
-            QueueConfiguration(index: 0, size: queue.size, rings: queue.rings, nextAvailableIndex: receiveBase),
+            QueueConfiguration(index: 0, size: queue.size, rings: queue.rings, base: receiveBase),
             QueueConfiguration(index: 1, size: driver.transmitQueues[0].size, rings: driver.transmitQueues[0].rings,
-                               nextAvailableIndex: transmitBase),
+                               base: transmitBase),
         ], drive: .manual)
         for seed in 0..<2 { backend.inject(queue: 0, frame: VirtioNetHeader().bytes + ethernetFrame(length: 1000, seed: UInt8(seed))) }
         #expect(driver.waitUntil { used += queue.takeUsed().map(\.head); return used.count >= 3 })
